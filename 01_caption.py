@@ -1,0 +1,372 @@
+"""Stage 01: build the dataset, images plus three captions per image.
+
+MIRO trains on web images whose alt text is short and often wrong, recaptioned by a
+vision-language model into a long and a short caption (paper section 3.1, appendix D).
+This stage makes that dataset. By default it generates the built-in "shapes world":
+1 to 4 flat shapes (3 kinds, 6 colours) on a 2x2 layout, each image with
+
+    alt    like web alt text: often incomplete, sometimes wrong
+    long   a complete, precise description (the "synthetic recaption")
+    short  exactly the facts that the alignment reward of 02_score.py checks
+
+and a spread of quality: four independent degradations (blur, luminance noise,
+washed-out colour, confetti clutter) so that every reward of 02_score.py spans its
+range. Captions never mention the degradations: only the rewards see them.
+
+    python 01_caption.py                          # 20,000 scenes at 32 px, ~20 s on a laptop CPU
+    python 01_caption.py --n 2000 --size 64 --out tiny
+    python 01_caption.py --source folder --images DIR [--alt-file FILE]
+
+Writes OUT/images.npy (uint8 [N, H, W, 3]) and OUT/captions.pt (alt, long, short,
+meta, source, version, config). Same seed, same bytes.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+VERSION = 1
+
+# ----------------------------------------------------------------------------- the world
+# Flat colours, far apart in RGB so that a clean render is read back exactly.
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
+    "yellow": (240, 220, 30), "purple": (140, 40, 180), "orange": (245, 130, 20),
+}
+KINDS = ("circle", "square", "triangle")
+BACKGROUND = (200, 200, 200)
+CELLS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, col) of the 2x2 layout
+CELL_NAMES = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
+NUMBERS = ("zero", "one", "two", "three", "four")
+# Degradations: (probability of being applied, low, high) of the strength, at 32 px.
+DEGRADATIONS = {
+    "blur": (0.5, 0.4, 1.6),      # Gaussian sigma in pixels
+    "noise": (0.5, 4.0, 40.0),    # std of grey (luminance) noise, in 0..255 units
+    "washout": (0.5, 0.2, 0.75),  # fraction of saturation removed, faded toward light grey
+    "clutter": (0.35, 8, 24),     # number of 2-4.5 px confetti specks in vivid colours
+}
+
+
+def sample_scene(rng, size):
+    """A random scene: 1-4 objects in distinct cells of a 2x2 layout, with jitter and sizes."""
+    n_objects = int(rng.integers(1, 5))
+    cells = rng.permutation(len(CELLS))[:n_objects]
+    cell_px = size / 2
+    objects = []
+    for i, cell_index in enumerate(cells):
+        if i > 0 and rng.random() < 0.4:  # repeat an earlier colour+kind, so that counts > 1 occur
+            earlier = objects[int(rng.integers(i))]
+            colour, kind = earlier["colour"], earlier["kind"]
+        else:
+            colour, kind = str(rng.choice(list(COLOURS))), str(rng.choice(KINDS))
+        row, col = CELLS[cell_index]
+        diameter = float(rng.uniform(0.6, 0.8) * cell_px)
+        slack = (cell_px - diameter) / 2 - size / 32  # keep a pixel of margin inside the cell
+        cx = (col + 0.5) * cell_px + float(rng.uniform(-slack, slack))
+        cy = (row + 0.5) * cell_px + float(rng.uniform(-slack, slack))
+        objects.append({"kind": kind, "colour": colour, "row": row, "col": col,
+                        "cx": cx, "cy": cy, "diameter": diameter})
+    return {"objects": objects, "relation": sample_relation(rng, objects)}
+
+
+def sample_relation(rng, objects):
+    """Pick two objects that are each the only one of their colour+kind and say where one is."""
+    key = lambda o: (o["colour"], o["kind"])
+    singles = [o for o in objects if sum(key(p) == key(o) for p in objects) == 1]
+    if len(singles) < 2:
+        return None
+    a, b = (singles[i] for i in rng.permutation(len(singles))[:2])
+    axes = [axis for axis in ("col", "row") if a[axis] != b[axis]]
+    axis = axes[int(rng.integers(len(axes)))]
+    if axis == "col":
+        word = "left of" if a["col"] < b["col"] else "right of"
+    else:
+        word = "above" if a["row"] < b["row"] else "below"
+    return {"a": [a["colour"], a["kind"]], "word": word, "b": [b["colour"], b["kind"]]}
+
+
+def render(scene, size, specks=(), supersample=4):
+    """Draw a scene (and confetti specks over it), anti-aliased by drawing at 4x and
+    averaging 4x4 blocks: uint8 [size, size, 3]."""
+    big = size * supersample
+    image = np.empty((big, big, 3), np.float32)
+    image[:] = BACKGROUND
+    for o in scene["objects"]:
+        r = o["diameter"] / 2
+        top, left = (max(0, int((c - r) * supersample)) for c in (o["cy"], o["cx"]))
+        bottom, right = (min(big, int((c + r) * supersample) + 2) for c in (o["cy"], o["cx"]))
+        y, x = (np.mgrid[top:bottom, left:right] + 0.5) / supersample  # sub-pixel centres
+        dx, dy = x - o["cx"], y - o["cy"]
+        if o["kind"] == "circle":
+            mask = dx**2 + dy**2 <= r**2
+        elif o["kind"] == "square":
+            mask = (np.abs(dx) <= r) & (np.abs(dy) <= r)
+        else:  # triangle pointing up: the half-width grows linearly from apex to base
+            mask = (np.abs(dy) <= r) & (np.abs(dx) <= (dy + r) / 2)
+        image[top:bottom, left:right][mask] = COLOURS[o["colour"]]
+    for x, y, side, colour in specks:
+        image[int(y * supersample):int((y + side) * supersample), int(x * supersample):int((x + side) * supersample)] = COLOURS[colour]
+    image = image.reshape(size, supersample, size, supersample, 3).mean((1, 3))
+    return image.round().astype(np.uint8)
+
+
+def sample_degradations(rng, size):
+    """Independent degradations, each applied with its own probability; 0 means not applied.
+    Clutter also gets its specks: (x, y, side, colour) at sub-pixel positions."""
+    out = {}
+    for name, (p, low, high) in DEGRADATIONS.items():
+        applied = rng.random() < p
+        if name == "clutter":
+            out[name] = int(rng.integers(low, high + 1)) if applied else 0
+        else:
+            out[name] = float(rng.uniform(low, high)) if applied else 0.0
+    scale = size / 32
+    sides = rng.uniform(2, 4.5, out["clutter"]) * scale
+    out["specks"] = [(float(rng.uniform(0, size - side)), float(rng.uniform(0, size - side)), float(side),
+                      str(rng.choice(list(COLOURS)))) for side in sides]
+    return out
+
+
+def degrade(images, degradations, rng):
+    """Wash out, blur, then add grey noise, per image: uint8 [B, H, W, 3] -> uint8 [B, H, W, 3].
+    (Clutter is drawn by render, with the scene.)"""
+    B, H, W, _ = images.shape
+    scale = H / 32
+    x = torch.from_numpy(images).float()  # (B, H, W, 3), 0..255
+    washout = torch.tensor([d["washout"] for d in degradations]).view(B, 1, 1, 1)
+    grey = (x * torch.tensor([0.299, 0.587, 0.114])).sum(-1, keepdim=True)  # luminance
+    x = grey + (x - grey) * (1 - washout)  # desaturate
+    x = x + (235 - x) * (washout / 2)  # and fade toward light grey
+    sigma = torch.tensor([d["blur"] for d in degradations]) * scale  # (B,)
+    radius = int(np.ceil(3 * DEGRADATIONS["blur"][2] * scale))
+    taps = torch.arange(-radius, radius + 1).float()
+    kernel = torch.exp(-taps**2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (B, K); sigma 0 gives a delta
+    planes = x.permute(0, 3, 1, 2).reshape(1, B * 3, H, W)
+    k = kernel.repeat_interleave(3, 0)  # (B*3, K): one kernel per image and channel
+    planes = F.conv2d(F.pad(planes, (radius,) * 4, mode="replicate"), k[:, None, :, None], groups=B * 3)
+    planes = F.conv2d(planes, k[:, None, None, :], groups=B * 3)
+    x = planes.reshape(B, 3, H, W).permute(0, 2, 3, 1)
+    noise_std = torch.tensor([d["noise"] for d in degradations]).view(B, 1, 1, 1)
+    x = x + noise_std * torch.from_numpy(rng.standard_normal((B, H, W, 1))).float()  # same on R, G, B
+    return x.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+# ----------------------------------------------------------------------------- captions
+def plural(kind, count):
+    return kind + ("s" if count > 1 else "")
+
+
+def counted(count, colour, kind):
+    """'an orange circle', 'two red squares'."""
+    if count == 1:
+        return ("an " if colour[0] in "aeiou" else "a ") + f"{colour} {kind}"
+    return f"{NUMBERS[count]} {colour} {plural(kind, count)}"
+
+
+def groups_of(scene):
+    """Objects grouped by colour+kind, in order of first appearance: [(colour, kind, count)]."""
+    counts = {}
+    for o in scene["objects"]:
+        counts[(o["colour"], o["kind"])] = counts.get((o["colour"], o["kind"]), 0) + 1
+    return [(colour, kind, n) for (colour, kind), n in counts.items()]
+
+
+def join(phrases):
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def relation_sentence(relation):
+    (ca, ka), (cb, kb) = relation["a"], relation["b"]
+    return f"the {ca} {ka} is {relation['word']} the {cb} {kb}."
+
+
+def caption_short(scene):
+    """What the alignment reward checks: every colour+kind with its count, and one relation."""
+    text = join([counted(n, c, k) for c, k, n in groups_of(scene)]) + "."
+    return text + (" " + relation_sentence(scene["relation"]) if scene["relation"] else "")
+
+
+def caption_long(scene):
+    """The complete description: each object with its place, then the relation."""
+    objects = scene["objects"]
+    where = [f"{counted(1, o['colour'], o['kind'])} at the {CELL_NAMES[(o['row'], o['col'])]}" for o in objects]
+    count = "one shape" if len(objects) == 1 else f"{NUMBERS[len(objects)]} shapes"
+    text = f"{count} on a plain grey background: {join(where)}."
+    return text + (" " + relation_sentence(scene["relation"]).capitalize() if scene["relation"] else "")
+
+
+def caption_alt(scene, rng):
+    """Web-like alt text: usually partial, sometimes wrong, sometimes useless."""
+    o = scene["objects"][int(rng.integers(len(scene["objects"])))]
+    u = rng.random()
+    if u < 0.35:
+        return f"{o['colour']} {o['kind']}"
+    if u < 0.50:  # wrong colour
+        return f"{rng.choice([c for c in COLOURS if c != o['colour']])} {o['kind']}"
+    if u < 0.65:
+        return join(sorted({plural(obj["kind"], 2) for obj in scene["objects"]}))
+    if u < 0.80:
+        return str(rng.choice(["geometric shapes", "abstract shapes clipart", "simple shapes on grey",
+                               "stock image", "kids shapes poster"]))
+    if u < 0.90:
+        return f"img_{int(rng.integers(10000)):04d}.png"
+    return join([f"{c} {plural(k, n)}" for c, k, n in groups_of(scene)])  # close, but no counts
+
+
+def make_shapes(n, size, seed):
+    """n scenes: images (uint8 [n, size, size, 3]) and the caption dict."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, size, size, 3), np.uint8)
+    alt, long, short, meta = [], [], [], []
+    chunk = 2048
+    for start in tqdm(range(0, n, chunk), desc="shapes world", unit="chunk", leave=False):
+        stop = min(n, start + chunk)
+        scenes = [sample_scene(rng, size) for _ in range(stop - start)]
+        degradations = [sample_degradations(rng, size) for _ in scenes]
+        clean = np.stack([render(s, size, d["specks"]) for s, d in zip(scenes, degradations)])
+        images[start:stop] = degrade(clean, degradations, rng)
+        for scene, d in zip(scenes, degradations):
+            alt.append(caption_alt(scene, rng))
+            long.append(caption_long(scene))
+            short.append(caption_short(scene))
+            meta.append({"scene": scene, "degradations": d})
+    return images, {"alt": alt, "long": long, "short": short, "meta": meta, "source": "shapes"}
+
+
+# ----------------------------------------------------------------------------- a folder of images
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def read_alt_file(path):
+    """Alt text per image: a JSON object {file name: text} or lines 'file name<TAB>text'."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        return {str(k): str(v) for k, v in json.loads(text).items()}
+    return dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+
+
+def load_folder(folder, size, alt_file=None):
+    """Images under folder (recursive), centre-cropped and resized, with their alt text."""
+    root = Path(folder)
+    if not root.is_dir():
+        sys.exit(f"01_caption.py: error: --images {folder} is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    alt_of = read_alt_file(alt_file) if alt_file else {}
+    images, alt, meta, skipped = [], [], [], 0
+    for path in tqdm(paths, desc="reading images", unit="img"):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                side = min(im.size)
+                left, top = (im.width - side) // 2, (im.height - side) // 2
+                im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+                images.append(np.asarray(im, np.uint8))
+        except Exception:
+            skipped += 1
+            continue
+        name = str(path.relative_to(root))
+        sidecar = path.with_suffix(".txt")
+        text = alt_of.get(name, alt_of.get(path.name))
+        if text is None and sidecar.exists():
+            text = sidecar.read_text(encoding="utf-8", errors="replace")
+        alt.append(" ".join((text or "").split()))
+        meta.append({"file": name})
+    if skipped:
+        print(f"skipped {skipped} unreadable file(s) of {len(paths)}")
+    if not images:
+        sys.exit(f"01_caption.py: error: no readable jpg/png/webp image under {folder}")
+    print("long and short captions fall back to the alt text (no vision-language captioner yet)")
+    captions = {"alt": alt, "long": list(alt), "short": list(alt), "meta": meta, "source": "folder"}
+    return np.stack(images), captions
+
+
+# ----------------------------------------------------------------------------- files
+def prepare_out(out, stage):
+    """Make --out and check that it is writable, before any work is done."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = Path(out) / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        sys.exit(f"{stage}: error: cannot write to --out {out}: {e.strerror or e}")
+
+
+def save_atomic(obj, path):
+    """torch.save (or np.save for .npy) to a temporary name, then rename: never a half file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, obj) if str(path).endswith(".npy") else torch.save(obj, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_pt(path, keys, stage, rerun):
+    """Load a stage file with weights_only=True; stop with one line naming the stage to re-run."""
+    if not os.path.exists(path):
+        sys.exit(f"{stage}: error: {path} is missing: run {rerun} first")
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as e:
+        sys.exit(f"{stage}: error: {path} is unreadable ({type(e).__name__}): re-run {rerun}")
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        sys.exit(f"{stage}: error: {path} lacks {', '.join(missing)}: re-run {rerun}")
+    return data
+
+
+def load_images(path, stage):
+    """images.npy, memory-mapped: uint8 [N, H, W, 3]."""
+    if not os.path.exists(path):
+        sys.exit(f"{stage}: error: {path} is missing: run 01_caption.py first")
+    try:
+        images = np.load(path, mmap_mode="r")
+    except Exception as e:
+        sys.exit(f"{stage}: error: {path} is unreadable ({type(e).__name__}): re-run 01_caption.py")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        sys.exit(f"{stage}: error: {path} is not uint8 [N, H, W, 3]: re-run 01_caption.py")
+    return images
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out", help="working folder for every stage's files")
+    parser.add_argument("--source", default="shapes", choices=["shapes", "folder"], help="built-in shapes world or a folder")
+    parser.add_argument("--n", type=int, default=20000, help="number of shapes-world scenes")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (32 default, 64 option)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shapes world")
+    parser.add_argument("--images", help="folder of jpg/png/webp images (with --source folder)")
+    parser.add_argument("--alt-file", help="alt text: JSON {file: text} or 'file<TAB>text' lines (else sidecar .txt)")
+    args = parser.parse_args()
+    stage = "01_caption.py"
+    if args.source == "shapes" and (args.n < 1 or args.size < 16 or args.size % 16):
+        sys.exit(f"{stage}: error: --n must be >= 1 and --size a multiple of 16 (got {args.n}, {args.size})")
+    if args.source == "folder" and not args.images:
+        sys.exit(f"{stage}: error: --source folder needs --images DIR")
+    prepare_out(args.out, stage)
+
+    if args.source == "shapes":
+        images, captions = make_shapes(args.n, args.size, args.seed)
+    else:
+        images, captions = load_folder(args.images, args.size, args.alt_file)
+    captions.update(version=VERSION, config={k: v for k, v in vars(args).items() if k != "out"})
+    save_atomic(images, os.path.join(args.out, "images.npy"))
+    save_atomic(captions, os.path.join(args.out, "captions.pt"))
+    print(f"wrote {len(images)} images {images.shape[1]}x{images.shape[2]} to {args.out}/images.npy and captions.pt")
+    for i in range(min(3, len(images))):
+        print(f"  [{i}] alt: {captions['alt'][i]!r}\n      long: {captions['long'][i]!r}\n      short: {captions['short'][i]!r}")
+
+
+if __name__ == "__main__":
+    main()
