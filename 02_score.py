@@ -1,0 +1,260 @@
+"""Stage 02: score every image with R reward models.
+
+MIRO's first step (paper eq. 1): for every training pair (x, c) and every reward model
+r_i, compute the raw score s_i = r_i(x, c). Nothing is learned here; the scores are
+binned by 03_bin.py and become the conditioning of the generator.
+
+The registry REWARDS maps a name to a function (images uint8 [B, H, W, 3], captions
+[B strings]) -> float32 [B], higher is better. The offline rewards of the shapes world:
+
+    alignment      fraction of the caption's facts (counts of each colour+kind, the
+                   relation, "nothing else") that the detector confirms in the image
+    sharpness      how much of the image's contrast its steepest edges cross in one pixel
+    low_noise      minus the mean residual after a 3x3 median filter (grey levels)
+    colourfulness  Hasler & Suesstrunk (2003) colourfulness: vivid colours and clutter
+                   raise it, so it can be "hacked" at the cost of alignment, like the
+                   aesthetic score of the paper
+
+    python 02_score.py                            # all offline rewards, ~20 s for 20,000 images
+    python 02_score.py --rewards alignment,sharpness --caption long
+
+Reads OUT/images.npy and OUT/captions.pt; writes OUT/scores.pt (names, scores float32
+[N, R] with NaN where a reward failed on an image, version, config).
+"""
+import argparse
+import importlib
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+world = importlib.import_module("01_caption")  # palette, kinds, file helpers
+VERSION = 1
+
+
+# ----------------------------------------------------------------------------- the detector
+def median3x3(x):
+    """Median over each pixel's 3x3 neighbourhood, edges replicated: (B, H, W) -> (B, H, W)."""
+    patches = F.unfold(F.pad(x[:, None], (1, 1, 1, 1), mode="replicate"), 3)  # (B, 9, H*W)
+    return patches.median(1).values.view_as(x)
+
+
+def detect(images, min_area_frac=12 / 1024, min_mix=0.5):
+    """Read scenes back from images uint8 [B, H, W, 3]: per image a list of objects
+    {"colour", "kind", "cx", "cy", "area"}.
+
+    1. each pixel is explained as a mix of the image's background (the median of its
+       border pixels) and one of the 6 colours: the colour whose background-to-colour
+       line passes closest to the pixel wins, and the pixel is foreground if it is more
+       than min_mix of the way along that line (anti-aliased edges, blur and fading are
+       all such mixes);
+    2. 4-connected pixels of one colour form a component (label propagation: each pixel
+       takes the smallest index among its same-colour neighbours until nothing changes);
+    3. components smaller than min_area_frac of the image are specks, not objects;
+    4. the kind comes from how much of its bounding box a component fills:
+       square 1, circle pi/4 = 0.79, triangle 1/2.
+    """
+    x = torch.as_tensor(np.array(images)).float()  # (B, H, W, 3)
+    B, H, W, _ = x.shape
+    border = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], 1)  # (B, 2H+2W, 3)
+    background = border.median(1).values[:, None, :]  # (B, 1, 3)
+    palette = torch.tensor(list(world.COLOURS.values())).float()  # (C, 3)
+    towards = palette[None] - background  # (B, C, 3): background -> colour
+    offset = x.view(B, H * W, 3) - background  # (B, HW, 3)
+    mix = (offset @ towards.transpose(1, 2) / (towards**2).sum(-1)[:, None]).clamp(0, 1)  # (B, HW, C)
+    miss = (offset[:, :, None] - mix[..., None] * towards[:, None]).norm(dim=-1)  # (B, HW, C)
+    best = miss.argmin(-1)  # (B, HW)
+    foreground = (mix.gather(-1, best[..., None])[..., 0] > min_mix).view(B, H, W)
+    colour = best.view(B, H, W)  # (B, H, W), meaningful where foreground
+
+    none = H * W  # label larger than any pixel index
+    label = torch.arange(H * W).view(1, H, W).expand(B, H, W).clone()
+    label[~foreground] = none
+    same_x = (colour[:, :, 1:] == colour[:, :, :-1]) & foreground[:, :, 1:] & foreground[:, :, :-1]  # (B, H, W-1)
+    same_y = (colour[:, 1:] == colour[:, :-1]) & foreground[:, 1:] & foreground[:, :-1]  # (B, H-1, W)
+    while True:
+        new = label.clone()
+        new[:, :, 1:] = torch.minimum(new[:, :, 1:], torch.where(same_x, label[:, :, :-1], none))
+        new[:, :, :-1] = torch.minimum(new[:, :, :-1], torch.where(same_x, label[:, :, 1:], none))
+        new[:, 1:] = torch.minimum(new[:, 1:], torch.where(same_y, label[:, :-1], none))
+        new[:, :-1] = torch.minimum(new[:, :-1], torch.where(same_y, label[:, 1:], none))
+        if torch.equal(new, label):
+            break
+        label = new
+
+    # Per-component statistics, all images at once: key = image * (H*W) + label.
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    fg = foreground
+    image_of = torch.arange(B).view(B, 1, 1).expand(B, H, W)[fg]
+    keys, comp = torch.unique(image_of * none + label[fg], return_inverse=True)
+    n = len(keys)
+    area = torch.bincount(comp, minlength=n).float()
+    px, py = xs.expand(B, H, W)[fg].float() + 0.5, ys.expand(B, H, W)[fg].float() + 0.5
+    cx = torch.zeros(n).index_add_(0, comp, px) / area
+    cy = torch.zeros(n).index_add_(0, comp, py) / area
+    box_w = torch.zeros(n).scatter_reduce(0, comp, px, "amax", include_self=False) - \
+        torch.zeros(n).scatter_reduce(0, comp, px, "amin", include_self=False) + 1
+    box_h = torch.zeros(n).scatter_reduce(0, comp, py, "amax", include_self=False) - \
+        torch.zeros(n).scatter_reduce(0, comp, py, "amin", include_self=False) + 1
+    top = torch.zeros(n).scatter_reduce(0, comp, py, "amin", include_self=False) - 0.5
+    fill = area / (box_w * box_h)  # square 1, circle pi/4, triangle 1/2
+    drop = (cy - top) / box_h  # centroid's depth in the box: triangle pointing up 2/3, others 1/2
+    comp_colour = colour.reshape(-1)[keys]  # a component's label is one of its own pixels
+
+    names = list(world.COLOURS)
+    scenes = [[] for _ in range(B)]
+    keep = (area >= min_area_frac * H * W).nonzero().flatten().tolist()
+    for j in keep:
+        kind = "triangle" if drop[j] > 0.585 else "square" if fill[j] > 0.93 else "circle"
+        scenes[int(keys[j]) // none].append({"colour": names[comp_colour[j]], "kind": kind, "cx": float(cx[j]),
+                                             "cy": float(cy[j]), "area": int(area[j]), "fill": float(fill[j]),
+                                             "drop": float(drop[j])})
+    return scenes
+
+
+# ----------------------------------------------------------------------------- captions -> facts
+_COLOUR = "|".join(world.COLOURS)
+_KIND = "|".join(world.KINDS)
+GROUP = re.compile(rf"\b(a|an|one|two|three|four) ({_COLOUR}) ({_KIND})s?\b")
+RELATION = re.compile(rf"\bthe ({_COLOUR}) ({_KIND}) is (left of|right of|above|below) the ({_COLOUR}) ({_KIND})\b")
+COUNT = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
+
+
+def parse_caption(text):
+    """Caption -> facts: ({(colour, kind): count}, relation or None). Works on short and
+    long captions of the shapes world (repeated phrases add up) and on GenEval-style prompts."""
+    text = text.lower()
+    groups = {}
+    for number, colour, kind in GROUP.findall(RELATION.sub("", text)):
+        groups[(colour, kind)] = groups.get((colour, kind), 0) + COUNT[number]
+    match = RELATION.search(text)
+    relation = None if match is None else ((match[1], match[2]), match[3], (match[4], match[5]))
+    return groups, relation
+
+
+def holds(a, word, b, size):
+    """Is object a left of / right of / above / below object b? Centres, with a margin."""
+    margin = size / 8
+    return {"left of": a["cx"] < b["cx"] - margin, "right of": a["cx"] > b["cx"] + margin,
+            "above": a["cy"] < b["cy"] - margin, "below": a["cy"] > b["cy"] + margin}[word]
+
+
+def check_facts(objects, groups, relation, size):
+    """List of booleans: each stated count, the relation, and that nothing unstated is there."""
+    facts = [sum((o["colour"], o["kind"]) == key for o in objects) == count for key, count in groups.items()]
+    if relation is not None:
+        (ca, ka), word, (cb, kb) = relation
+        facts.append(any(holds(a, word, b, size) for a in objects for b in objects
+                         if (a["colour"], a["kind"]) == (ca, ka) and (b["colour"], b["kind"]) == (cb, kb)))
+    facts.append(all((o["colour"], o["kind"]) in groups for o in objects))
+    return facts
+
+
+# ----------------------------------------------------------------------------- rewards
+def alignment(images, captions):
+    """Fraction of the caption's facts the detector confirms; NaN if the caption states none."""
+    size = images.shape[1]
+    scores = []
+    for objects, caption in zip(detect(images), captions):
+        groups, relation = parse_caption(caption)
+        facts = check_facts(objects, groups, relation, size) if groups else []
+        scores.append(sum(facts) / len(facts) if facts else float("nan"))
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def luminance(images):
+    return (torch.as_tensor(np.array(images)).float() * torch.tensor([0.299, 0.587, 0.114])).sum(-1)  # (B, H, W)
+
+
+def sharpness(images, captions=None):
+    """Mean of the steepest 1-pixel luminance steps over the image's luminance range. A crisp
+    edge crosses the whole range in one pixel (about 1); blur spreads it (toward 0). The
+    3x3 median first keeps noise from passing for detail."""
+    lum = median3x3(luminance(images))
+    steps = torch.cat([(lum[:, :, 1:] - lum[:, :, :-1]).abs().flatten(1),
+                       (lum[:, 1:] - lum[:, :-1]).abs().flatten(1)], 1)  # (B, 2*H*(W-1))
+    k = max(1, lum.shape[1] // 2)
+    contrast = lum.flatten(1).amax(1) - lum.flatten(1).amin(1)
+    return (steps.topk(k, 1).values.mean(1) / contrast.clamp(min=1.0)).float()  # in [0, 1]
+
+
+def low_noise(images, captions=None):
+    """Minus the mean absolute difference between the image and its 3x3 median, in grey
+    levels: 0 for flat colour, about -0.8 sigma for grey noise of std sigma."""
+    lum = luminance(images)
+    return -(lum - median3x3(lum)).abs().mean((1, 2)).float()
+
+
+def colourfulness(images, captions=None):
+    """Hasler & Suesstrunk (2003): spread and mean of the opponent colours rg and yb."""
+    x = torch.as_tensor(np.array(images)).float()
+    r, g, b = x.unbind(-1)
+    rg, yb = (r - g).flatten(1), (0.5 * (r + g) - b).flatten(1)
+    spread = (rg.var(1, unbiased=False) + yb.var(1, unbiased=False)).sqrt()
+    mean = (rg.mean(1) ** 2 + yb.mean(1) ** 2).sqrt()
+    return (spread + 0.3 * mean).float()
+
+
+REWARDS = {"alignment": alignment, "sharpness": sharpness, "low_noise": low_noise, "colourfulness": colourfulness}
+
+
+def score(reward, images, captions, batch_size, desc=None):
+    """Run one reward over all images in batches: float32 [N], NaN where it failed.
+    A batch that raises is retried image by image, so one bad image costs only itself."""
+    out = torch.full((len(images),), float("nan"))
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        batch, text = np.asarray(images[start:start + batch_size]), captions[start:start + batch_size]
+        try:
+            out[start:start + len(batch)] = reward(batch, text)
+        except Exception:
+            for i in range(len(batch)):
+                try:
+                    out[start + i] = reward(batch[i:i + 1], text[i:i + 1])[0]
+                except Exception:
+                    pass
+    out[~torch.isfinite(out)] = float("nan")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt)")
+    parser.add_argument("--rewards", default=",".join(REWARDS), help=f"comma-separated, from: {', '.join(REWARDS)}")
+    parser.add_argument("--caption", default="short", choices=["short", "long", "alt"], help="caption the rewards read")
+    parser.add_argument("--batch-size", type=int, default=1024, help="images per reward call")
+    args = parser.parse_args()
+    stage = "02_score.py"
+    names = [name.strip() for name in args.rewards.split(",") if name.strip()]
+    unknown = [name for name in names if name not in REWARDS]
+    if unknown or not names:
+        sys.exit(f"{stage}: error: unknown reward {', '.join(unknown) or '(none given)'}; known: {', '.join(REWARDS)}")
+    if args.batch_size < 1:
+        sys.exit(f"{stage}: error: --batch-size must be >= 1")
+    world.prepare_out(args.out, stage)
+    images = world.load_images(os.path.join(args.out, "images.npy"), stage)
+    captions = world.load_pt(os.path.join(args.out, "captions.pt"), ["alt", "long", "short"], stage, "01_caption.py")
+    if any(len(captions[k]) != len(images) for k in ("alt", "long", "short")):
+        sys.exit(f"{stage}: error: images.npy has {len(images)} images but captions.pt has "
+                 f"{len(captions['short'])} captions: re-run 01_caption.py")
+
+    scores = torch.stack([score(REWARDS[name], images, captions[args.caption], args.batch_size, desc=name)
+                          for name in names], 1)  # (N, R)
+    out = {"names": names, "scores": scores, "version": VERSION, "config": {k: v for k, v in vars(args).items() if k != "out"}}
+    world.save_atomic(out, os.path.join(args.out, "scores.pt"))
+
+    print(f"scored {len(images)} images with {len(names)} rewards -> {args.out}/scores.pt")
+    print(f"{'reward':>14} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} {'NaN':>6}")
+    for name, column in zip(names, scores.T):
+        ok = column[~column.isnan()]
+        stats = [ok.mean(), ok.std(), ok.min(), ok.max()] if len(ok) else [float("nan")] * 4
+        print(f"{name:>14} " + " ".join(f"{float(v):8.3f}" for v in stats) + f" {int(column.isnan().sum()):6d}")
+    if scores.isnan().any():
+        print(f"{int(scores.isnan().sum())} score(s) could not be computed and are NaN; 03_bin.py gives them the middle bin")
+
+
+if __name__ == "__main__":
+    main()
