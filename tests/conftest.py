@@ -1,0 +1,34 @@
+"""Shared test helpers: import a stage by file name, run a stage as a user would."""
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def stage(name):
+    """The module of a stage script, e.g. stage("02_score")."""
+    return importlib.import_module(name)
+
+
+def run(script, *args, check=True):
+    """Run a stage script in a subprocess; returns the CompletedProcess (text output)."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
+                            capture_output=True, text=True, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """Stages 01-03 on 2,000 scenes, run once for the whole session."""
+    out = tmp_path_factory.mktemp("small")
+    run("01_caption.py", "--out", out, "--n", 2000, "--seed", 3)
+    run("02_score.py", "--out", out)
+    run("03_bin.py", "--out", out)
+    return out

@@ -1,0 +1,144 @@
+"""Stages 01-03 end to end in a temporary folder: the file contract of design.md,
+same seed same bytes, and one clear line for every kind of bad input."""
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run
+
+FILES = ["images.npy", "captions.pt", "scores.pt", "bins.pt"]
+
+
+def test_files_match_the_contract(small_dataset):
+    images = np.load(small_dataset / "images.npy", mmap_mode="r")
+    assert images.dtype == np.uint8 and images.shape == (2000, 32, 32, 3)
+    N = len(images)
+    captions = torch.load(small_dataset / "captions.pt", weights_only=True)
+    scores = torch.load(small_dataset / "scores.pt", weights_only=True)
+    bins = torch.load(small_dataset / "bins.pt", weights_only=True)
+    for data in (captions, scores, bins):
+        assert isinstance(data["version"], int) and isinstance(data["config"], dict)
+    assert captions["source"] == "shapes" and captions["config"]["seed"] == 3
+    for key in ("alt", "long", "short", "meta"):
+        assert len(captions[key]) == N
+    assert all(isinstance(c, str) and c for key in ("long", "short") for c in captions[key])
+    assert {"scene", "degradations"} <= set(captions["meta"][0])
+    assert scores["names"] == ["alignment", "sharpness", "low_noise", "colourfulness"]
+    assert scores["scores"].dtype == torch.float32 and scores["scores"].shape == (N, 4)
+    B = bins["num_bins"]
+    assert bins["names"] == scores["names"] and B == 5
+    assert bins["edges"].shape == (4, B + 1) and bins["edges"].is_floating_point()
+    assert bins["bins"].dtype == torch.int64 and bins["bins"].shape == (N, 4)
+    assert bins["bins"].min() >= 0 and bins["bins"].max() == B - 1
+    assert bins["calib_idx"].tolist() == list(range(N))  # default calibration subset: everything
+    for r in (1, 2, 3):  # continuous rewards: equal populations
+        populations = torch.bincount(bins["bins"][:, r], minlength=B)
+        assert (populations - N / B).abs().max() <= 0.02 * N / B, populations
+    assert not any(name.endswith(".tmp") or ".tmp" in name for name in os.listdir(small_dataset))
+
+
+def digest(folder):
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in FILES}
+
+
+def test_same_seed_same_bytes(small_dataset, tmp_path):
+    again = tmp_path / "again"
+    run("01_caption.py", "--out", again, "--n", 2000, "--seed", 3)
+    run("02_score.py", "--out", again)
+    run("03_bin.py", "--out", again)
+    assert digest(again) == digest(small_dataset)
+
+
+def test_rewards_are_not_all_the_same_signal_on_the_default_dataset(tmp_path):
+    """The default dataset (20,000 scenes): no pair of rewards has |Spearman| above 0.9."""
+    run("01_caption.py", "--out", tmp_path)
+    run("02_score.py", "--out", tmp_path)
+    printed = run("03_bin.py", "--out", tmp_path).stdout
+    binning = __import__("conftest").stage("03_bin")
+    matrix = binning.spearman(torch.load(tmp_path / "scores.pt", weights_only=True)["scores"].numpy())
+    off_diagonal = np.abs(matrix[~np.eye(len(matrix), dtype=bool)])
+    assert off_diagonal.max() < 0.9, matrix
+    assert "Spearman" in printed and "images per bin" in printed
+
+
+def test_folder_source(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (60, 40), (255, 0, 0)).save(folder / "a.png")
+    Image.new("RGB", (30, 50), (0, 0, 255)).save(folder / "sub" / "b.jpg")
+    (folder / "sub" / "b.txt").write_text("a blue photo\n")
+    (folder / "broken.webp").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    result = run("01_caption.py", "--source", "folder", "--images", folder, "--out", out)
+    assert "skipped 1 unreadable" in result.stdout
+    images = np.load(out / "images.npy")
+    captions = torch.load(out / "captions.pt", weights_only=True)
+    assert images.shape == (2, 32, 32, 3) and captions["source"] == "folder"
+    assert captions["alt"] == ["", "a blue photo"] and captions["long"] == captions["alt"]
+    assert [m["file"] for m in captions["meta"]] == ["a.png", os.path.join("sub", "b.jpg")]
+    assert tuple(images[0, 16, 16]) == (255, 0, 0)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.fixture
+def work(small_dataset, tmp_path):
+    """A private copy of the small dataset to break."""
+    folder = tmp_path / "work"
+    shutil.copytree(small_dataset, folder)
+    return folder
+
+
+def fails_cleanly(script, *args, expect, untouched=None):
+    """The stage exits non-zero with one line naming the problem, and leaves files as they were."""
+    before = {p: p.read_bytes() for p in untouched or []}
+    result = run(script, *args, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    for word in expect:
+        assert word in lines[0], lines[0]
+    for path, content in before.items():
+        assert path.read_bytes() == content
+    return lines[0]
+
+
+def test_missing_inputs(tmp_path):
+    fails_cleanly("02_score.py", "--out", tmp_path, expect=["images.npy", "missing", "01_caption.py"])
+    fails_cleanly("03_bin.py", "--out", tmp_path, expect=["scores.pt", "missing", "02_score.py"])
+
+
+def test_corrupt_inputs(work):
+    (work / "captions.pt").write_bytes(b"garbage")
+    fails_cleanly("02_score.py", "--out", work, expect=["captions.pt", "01_caption.py"], untouched=[work / "scores.pt"])
+    (work / "images.npy").write_bytes(b"garbage")
+    fails_cleanly("02_score.py", "--out", work, expect=["images.npy", "01_caption.py"], untouched=[work / "scores.pt"])
+    (work / "scores.pt").write_bytes(b"\x00" * 10)
+    fails_cleanly("03_bin.py", "--out", work, expect=["scores.pt", "02_score.py"], untouched=[work / "bins.pt"])
+
+
+def test_n_differs_between_files(work, tmp_path):
+    other = tmp_path / "other"
+    run("01_caption.py", "--out", other, "--n", 50)
+    shutil.copy(other / "captions.pt", work / "captions.pt")
+    fails_cleanly("02_score.py", "--out", work, expect=["2000", "50", "01_caption.py"], untouched=[work / "scores.pt"])
+    shutil.copy(other / "images.npy", work / "images.npy")  # images now 50, scores.pt still 2000
+    fails_cleanly("03_bin.py", "--out", work, expect=["2000", "50", "02_score.py"], untouched=[work / "bins.pt"])
+
+
+def test_unknown_reward_and_bad_flags(work):
+    fails_cleanly("02_score.py", "--out", work, "--rewards", "alignment,beauty", expect=["beauty", "known"],
+                  untouched=[work / "scores.pt"])
+    fails_cleanly("03_bin.py", "--out", work, "--bins", 1, expect=["--bins", "2"], untouched=[work / "bins.pt"])
+    fails_cleanly("01_caption.py", "--out", work, "--size", 30, expect=["--size"], untouched=[work / "images.npy"])
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for script in ("01_caption.py", "02_score.py", "03_bin.py"):
+        fails_cleanly(script, "--out", blocker / "sub", "--n" if script == "01_caption.py" else "--out",
+                      10 if script == "01_caption.py" else blocker / "sub", expect=["cannot write", "--out"])

@@ -1,0 +1,78 @@
+"""The shapes world of 01_caption.py and the detector of 02_score.py."""
+import numpy as np
+import pytest
+
+from conftest import stage
+
+world, scoring = stage("01_caption"), stage("02_score")
+
+
+def read_back(objects, size):
+    """Detected objects as sorted (colour, kind, row, col) of the 2x2 layout."""
+    return sorted((o["colour"], o["kind"], int(o["cy"] // (size / 2)), int(o["cx"] // (size / 2))) for o in objects)
+
+
+@pytest.mark.parametrize("size,n", [(32, 1000), (64, 200)])
+def test_detector_reads_clean_renders_exactly(size, n):
+    rng = np.random.default_rng(123 + size)
+    scenes = [world.sample_scene(rng, size) for _ in range(n)]
+    found = scoring.detect(np.stack([world.render(s, size) for s in scenes]))
+    truth = [sorted((o["colour"], o["kind"], o["row"], o["col"]) for o in s["objects"]) for s in scenes]
+    wrong = [i for i, (t, f) in enumerate(zip(truth, found)) if read_back(f, size) != t]
+    assert wrong == [], f"{len(wrong)} of {n} clean renders misread, e.g. scenes {wrong[:3]}"
+
+
+def test_scenes_cover_the_world():
+    rng = np.random.default_rng(0)
+    scenes = [world.sample_scene(rng, 32) for _ in range(2000)]
+    objects = [o for s in scenes for o in s["objects"]]
+    assert {o["colour"] for o in objects} == set(world.COLOURS) and len(world.COLOURS) >= 6
+    assert {o["kind"] for o in objects} == set(world.KINDS) and len(world.KINDS) >= 3
+    assert {len(s["objects"]) for s in scenes} == {1, 2, 3, 4}
+    assert {s["relation"]["word"] for s in scenes if s["relation"]} == {"left of", "right of", "above", "below"}
+    assert max(n for s in scenes for _, _, n in world.groups_of(s)) >= 3  # counts above one occur
+
+
+def test_captions_parse_back_to_the_scene():
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        scene = world.sample_scene(rng, 32)
+        truth = {(c, k): n for c, k, n in world.groups_of(scene)}
+        for caption in (world.caption_short(scene), world.caption_long(scene)):
+            groups, relation = scoring.parse_caption(caption)
+            assert groups == truth, caption
+            if scene["relation"]:
+                r = scene["relation"]
+                assert relation == (tuple(r["a"]), r["word"], tuple(r["b"])), caption
+            else:
+                assert relation is None
+
+
+def test_short_caption_fits_clip_context():
+    import open_clip
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    rng = np.random.default_rng(2)
+    captions = [world.caption_short(world.sample_scene(rng, 32)) for _ in range(300)]
+    longest = max(captions, key=len)
+    tokens = tokenizer([longest])[0]
+    assert tokens[-1] == 0, f"short caption truncated at 77 tokens: {longest!r}"
+
+
+def test_alt_text_is_partial_and_sometimes_wrong():
+    rng = np.random.default_rng(4)
+    scenes = [world.sample_scene(rng, 32) for _ in range(1000)]
+    alts = [world.caption_alt(s, rng) for s in scenes]
+    named = [{c for c in world.COLOURS if c in a.split()} for a in alts]
+    present = [{o["colour"] for o in s["objects"]} for s in scenes]
+    complete = sum(n == p for n, p in zip(named, present))
+    wrong = sum(bool(n - p) for n, p in zip(named, present))
+    assert complete < 0.5 * len(scenes), "alt text should usually be incomplete"
+    assert 0.05 * len(scenes) < wrong < 0.3 * len(scenes), "alt text should sometimes name a colour that is not there"
+
+
+def test_same_seed_same_world():
+    a_images, a_captions = world.make_shapes(50, 32, seed=9)
+    b_images, b_captions = world.make_shapes(50, 32, seed=9)
+    c_images, _ = world.make_shapes(50, 32, seed=10)
+    assert np.array_equal(a_images, b_images) and a_captions == b_captions
+    assert not np.array_equal(a_images, c_images)
