@@ -55,8 +55,9 @@ def detect(images, min_area_frac=12 / 1024, min_mix=0.5):
     2. 4-connected pixels of one colour form a component (label propagation: each pixel
        takes the smallest index among its same-colour neighbours until nothing changes);
     3. components smaller than min_area_frac of the image are specks, not objects;
-    4. the kind comes from how much of its bounding box a component fills:
-       square 1, circle pi/4 = 0.79, triangle 1/2.
+    4. the kind comes from the component's bounding box: a triangle pointing up has its
+       centroid 2/3 of the way down the box (circles and squares 1/2), and a square fills
+       its box (a circle fills pi/4 = 0.79 of it).
     """
     x = torch.as_tensor(np.array(images)).float()  # (B, H, W, 3)
     B, H, W, _ = x.shape
@@ -88,22 +89,21 @@ def detect(images, min_area_frac=12 / 1024, min_mix=0.5):
 
     # Per-component statistics, all images at once: key = image * (H*W) + label.
     ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    fg = foreground
-    image_of = torch.arange(B).view(B, 1, 1).expand(B, H, W)[fg]
-    keys, comp = torch.unique(image_of * none + label[fg], return_inverse=True)
+    image_of = torch.arange(B).view(B, 1, 1).expand(B, H, W)[foreground]
+    keys, comp = torch.unique(image_of * none + label[foreground], return_inverse=True)
     n = len(keys)
-    area = torch.bincount(comp, minlength=n).float()
-    px, py = xs.expand(B, H, W)[fg].float() + 0.5, ys.expand(B, H, W)[fg].float() + 0.5
-    cx = torch.zeros(n).index_add_(0, comp, px) / area
-    cy = torch.zeros(n).index_add_(0, comp, py) / area
-    box_w = torch.zeros(n).scatter_reduce(0, comp, px, "amax", include_self=False) - \
-        torch.zeros(n).scatter_reduce(0, comp, px, "amin", include_self=False) + 1
-    box_h = torch.zeros(n).scatter_reduce(0, comp, py, "amax", include_self=False) - \
-        torch.zeros(n).scatter_reduce(0, comp, py, "amin", include_self=False) + 1
-    top = torch.zeros(n).scatter_reduce(0, comp, py, "amin", include_self=False) - 0.5
-    fill = area / (box_w * box_h)  # square 1, circle pi/4, triangle 1/2
-    drop = (cy - top) / box_h  # centroid's depth in the box: triangle pointing up 2/3, others 1/2
-    comp_colour = colour.reshape(-1)[keys]  # a component's label is one of its own pixels
+    px, py = xs.expand(B, H, W)[foreground] + 0.5, ys.expand(B, H, W)[foreground] + 0.5  # pixel centres
+
+    def per_component(values, how):
+        return torch.zeros(n).scatter_reduce(0, comp, values, how, include_self=False)
+
+    area = per_component(torch.ones_like(px), "sum")
+    cx, cy = per_component(px, "sum") / area, per_component(py, "sum") / area
+    left, right = per_component(px, "amin") - 0.5, per_component(px, "amax") + 0.5
+    top, bottom = per_component(py, "amin") - 0.5, per_component(py, "amax") + 0.5
+    fill = area / ((right - left) * (bottom - top))  # square 1, circle pi/4, triangle 1/2
+    drop = (cy - top) / (bottom - top)  # centroid's depth in the box: triangle pointing up 2/3, others 1/2
+    comp_colour = colour.reshape(-1)[keys]  # a component's label is the index of one of its pixels
 
     names = list(world.COLOURS)
     scenes = [[] for _ in range(B)]
@@ -125,8 +125,8 @@ COUNT = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
 
 
 def parse_caption(text):
-    """Caption -> facts: ({(colour, kind): count}, relation or None). Works on short and
-    long captions of the shapes world (repeated phrases add up) and on GenEval-style prompts."""
+    """Caption -> facts: ({(colour, kind): count}, relation or None). Works on the short
+    and the long captions of the shapes world (repeated phrases add up)."""
     text = text.lower()
     groups = {}
     for number, colour, kind in GROUP.findall(RELATION.sub("", text)):

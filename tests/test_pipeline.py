@@ -73,13 +73,15 @@ def test_folder_source(tmp_path):
     Image.new("RGB", (30, 50), (0, 0, 255)).save(folder / "sub" / "b.jpg")
     (folder / "sub" / "b.txt").write_text("a blue photo\n")
     (folder / "broken.webp").write_bytes(b"not an image")
+    (tmp_path / "alt.json").write_text('{"a.png": "red  square"}')
     out = tmp_path / "out"
-    result = run("01_caption.py", "--source", "folder", "--images", folder, "--out", out)
+    result = run("01_caption.py", "--source", "folder", "--images", folder, "--alt-file", tmp_path / "alt.json",
+                 "--out", out)
     assert "skipped 1 unreadable" in result.stdout
     images = np.load(out / "images.npy")
     captions = torch.load(out / "captions.pt", weights_only=True)
     assert images.shape == (2, 32, 32, 3) and captions["source"] == "folder"
-    assert captions["alt"] == ["", "a blue photo"] and captions["long"] == captions["alt"]
+    assert captions["alt"] == ["red square", "a blue photo"] and captions["long"] == captions["alt"]
     assert [m["file"] for m in captions["meta"]] == ["a.png", os.path.join("sub", "b.jpg")]
     assert tuple(images[0, 16, 16]) == (255, 0, 0)
 
