@@ -1,7 +1,7 @@
 """Stage 01: build the dataset, images plus three captions per image.
 
 MIRO trains on web images whose alt text is short and often wrong, recaptioned by a
-vision-language model into a long and a short caption (paper section 3.1, appendix D).
+vision-language model into a long and a short caption (paper appendix D).
 This stage makes that dataset. By default it generates the built-in "shapes world":
 1 to 4 flat shapes (3 kinds, 6 colours) on a 2x2 layout, each image with
 
@@ -300,6 +300,11 @@ def prepare_out(out, stage):
         sys.exit(f"{stage}: error: cannot write to --out {out}: {e.strerror or e}")
 
 
+def file_config(args):
+    """The flags that made a file, less --out: a file's content must not depend on its folder."""
+    return {k: v for k, v in vars(args).items() if k != "out"}
+
+
 def save_atomic(obj, path):
     """torch.save (or np.save for .npy) to a temporary name, then rename: never a half file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -360,7 +365,7 @@ def main():
         images, captions = make_shapes(args.n, args.size, args.seed)
     else:
         images, captions = load_folder(args.images, args.size, args.alt_file)
-    captions.update(version=VERSION, config={k: v for k, v in vars(args).items() if k != "out"})
+    captions.update(version=VERSION, config=file_config(args))
     save_atomic(images, os.path.join(args.out, "images.npy"))
     save_atomic(captions, os.path.join(args.out, "captions.pt"))
     print(f"wrote {len(images)} images {images.shape[1]}x{images.shape[2]} to {args.out}/images.npy and captions.pt")

@@ -37,6 +37,11 @@ VERSION = 1
 
 
 # ----------------------------------------------------------------------------- the detector
+def as_float(images):
+    """uint8 [B, H, W, 3] (array or memory map) -> float32 tensor in 0..255."""
+    return torch.as_tensor(np.array(images)).float()
+
+
 def median3x3(x):
     """Median over each pixel's 3x3 neighbourhood, edges replicated: (B, H, W) -> (B, H, W)."""
     patches = F.unfold(F.pad(x[:, None], (1, 1, 1, 1), mode="replicate"), 3)  # (B, 9, H*W)
@@ -59,7 +64,7 @@ def detect(images, min_area_frac=12 / 1024, min_mix=0.5):
        centroid 2/3 of the way down the box (circles and squares 1/2), and a square fills
        its box (a circle fills pi/4 = 0.79 of it).
     """
-    x = torch.as_tensor(np.array(images)).float()  # (B, H, W, 3)
+    x = as_float(images)  # (B, H, W, 3)
     B, H, W, _ = x.shape
     border = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], 1)  # (B, 2H+2W, 3)
     background = border.median(1).values[:, None, :]  # (B, 1, 3)
@@ -167,7 +172,7 @@ def alignment(images, captions):
 
 
 def luminance(images):
-    return (torch.as_tensor(np.array(images)).float() * torch.tensor([0.299, 0.587, 0.114])).sum(-1)  # (B, H, W)
+    return (as_float(images) * torch.tensor([0.299, 0.587, 0.114])).sum(-1)  # (B, H, W)
 
 
 def sharpness(images, captions=None):
@@ -184,15 +189,14 @@ def sharpness(images, captions=None):
 
 def low_noise(images, captions=None):
     """Minus the mean absolute difference between the image and its 3x3 median, in grey
-    levels: 0 for flat colour, about -0.8 sigma for grey noise of std sigma."""
+    levels: 0 for flat colour, about -0.71 sigma for grey noise of std sigma."""
     lum = luminance(images)
     return -(lum - median3x3(lum)).abs().mean((1, 2)).float()
 
 
 def colourfulness(images, captions=None):
     """Hasler & Suesstrunk (2003): spread and mean of the opponent colours rg and yb."""
-    x = torch.as_tensor(np.array(images)).float()
-    r, g, b = x.unbind(-1)
+    r, g, b = as_float(images).unbind(-1)
     rg, yb = (r - g).flatten(1), (0.5 * (r + g) - b).flatten(1)
     spread = (rg.var(1, unbiased=False) + yb.var(1, unbiased=False)).sqrt()
     mean = (rg.mean(1) ** 2 + yb.mean(1) ** 2).sqrt()
@@ -243,7 +247,7 @@ def main():
 
     scores = torch.stack([score(REWARDS[name], images, captions[args.caption], args.batch_size, desc=name)
                           for name in names], 1)  # (N, R)
-    out = {"names": names, "scores": scores, "version": VERSION, "config": {k: v for k, v in vars(args).items() if k != "out"}}
+    out = {"names": names, "scores": scores, "version": VERSION, "config": world.file_config(args)}
     world.save_atomic(out, os.path.join(args.out, "scores.pt"))
 
     print(f"scored {len(images)} images with {len(names)} rewards -> {args.out}/scores.pt")

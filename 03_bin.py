@@ -1,7 +1,7 @@
 """Stage 03: bin every reward into B equal-population quantile bins.
 
 Raw rewards live on unrelated scales (a CLIP score near 30, an aesthetic score near 5).
-MIRO makes them comparable by quantiles (paper section 3.2): per reward, the B-1 interior
+MIRO makes them comparable by quantiles: per reward, the B-1 interior
 edges are the 1/B, 2/B, ... quantiles of the scores on a calibration subset, so each bin
 holds 1/B of the images, and bin b is shown to the network as the level b / (B - 1) in
 [0, 1]. Fitting on a subset is what a large dataset needs; on the shapes world the
@@ -128,7 +128,7 @@ def main():
         edges[r], bins[:, r] = fitted, assign_bins(scores[:, r], fitted)
 
     out = {"names": names, "num_bins": B, "edges": edges, "bins": bins, "calib_idx": calib_idx,
-           "version": VERSION, "config": {k: v for k, v in vars(args).items() if k != "out"}}  # content, not location
+           "version": VERSION, "config": world.file_config(args)}
     world.save_atomic(out, os.path.join(args.out, "bins.pt"))
 
     print(f"binned {N} images x {len(names)} rewards into B = {B} bins (calibrated on {len(calib_idx)}) -> {args.out}/bins.pt")
