@@ -21,6 +21,7 @@ Writes OUT/images.npy (uint8 [N, H, W, 3]) and OUT/captions.pt (alt, long, short
 meta, source, version, config). Same seed, same bytes.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -303,6 +304,11 @@ def prepare_out(out, stage):
 def file_config(args):
     """The flags that made a file, less --out: a file's content must not depend on its folder."""
     return {k: v for k, v in vars(args).items() if k != "out"}
+
+
+def dataset_id(captions):
+    """A fingerprint of a dataset's captions; 02 and 03 carry it so 05 can tell files of other datasets."""
+    return hashlib.sha1(json.dumps([captions["alt"], captions["long"]]).encode()).hexdigest()[:16]
 
 
 def save_atomic(obj, path):

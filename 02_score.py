@@ -19,7 +19,8 @@ The registry REWARDS maps a name to a function (images uint8 [B, H, W, 3], capti
     python 02_score.py --rewards alignment,sharpness --caption long
 
 Reads OUT/images.npy and OUT/captions.pt; writes OUT/scores.pt (names, scores float32
-[N, R] with NaN where a reward failed on an image, version, config).
+[N, R] with NaN where a reward failed on an image, dataset: the captions' fingerprint,
+version, config).
 """
 import argparse
 import importlib
@@ -247,7 +248,8 @@ def main():
 
     scores = torch.stack([score(REWARDS[name], images, captions[args.caption], args.batch_size, desc=name)
                           for name in names], 1)  # (N, R)
-    out = {"names": names, "scores": scores, "version": VERSION, "config": world.file_config(args)}
+    out = {"names": names, "scores": scores, "dataset": world.dataset_id(captions), "version": VERSION,
+           "config": world.file_config(args)}
     world.save_atomic(out, os.path.join(args.out, "scores.pt"))
 
     print(f"scored {len(images)} images with {len(names)} rewards -> {args.out}/scores.pt")

@@ -27,7 +27,7 @@ Ties, constants, NaN:
     python 03_bin.py --bins 8 --calib 5000
 
 Reads OUT/scores.pt; writes OUT/bins.pt (names, num_bins, edges float [R, B+1],
-bins int64 [N, R] in 0..B-1, calib_idx, version, config). Prints the edges and
+bins int64 [N, R] in 0..B-1, calib_idx, dataset copied from scores.pt, version, config). Prints the edges and
 populations of every reward and the reward-by-reward Spearman correlations.
 """
 import argparse
@@ -128,7 +128,7 @@ def main():
         edges[r], bins[:, r] = fitted, assign_bins(scores[:, r], fitted)
 
     out = {"names": names, "num_bins": B, "edges": edges, "bins": bins, "calib_idx": calib_idx,
-           "version": VERSION, "config": world.file_config(args)}
+           "dataset": data.get("dataset"), "version": VERSION, "config": world.file_config(args)}
     world.save_atomic(out, os.path.join(args.out, "bins.pt"))
 
     print(f"binned {N} images x {len(names)} rewards into B = {B} bins (calibrated on {len(calib_idx)}) -> {args.out}/bins.pt")
