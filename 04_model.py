@@ -1,0 +1,309 @@
+"""Stage 04: TextRIN, the MIRO denoiser, with one token per reward.
+
+The network of the paper's appendix B, in pixel space. A Recurrent Interface Network
+(RIN, Jabri et al. 2023) splits its tokens in two:
+  - the interface: one token per image patch (many tokens, narrow, width data_dim);
+  - the latents: a few learned tokens (wide, width latent_dim) where the compute happens.
+Each block: the latents cross-attend to the conditioning tokens, read from the patches
+(cross-attention), think (K self-attention layers), and write back to the patches
+(cross-attention). Every layer is pre-RMSNorm attention with QK-norm + a SwiGLU
+feed-forward, attention through F.scaled_dot_product_attention.
+
+The conditioning tokens are what MIRO adds (paper section 3):
+    [ time token | reward token 1 ... reward token R | text tokens ]
+A reward token = MLP(sinusoid(level)) + a learned embedding saying which reward it is,
+where level = bin / (B - 1) in [0, 1] (03_bin.py). With R = 0 the same class is the
+unconditioned baseline: it has no reward tokens at all.
+
+Latent self-conditioning: the latents of a previous pass (detached) are added to the
+initial latents, so the network refines its own guess across sampling steps. 05_train.py
+feeds them 90% of the time, from a first pass without gradients.
+
+Text: by default a small trainable transformer over open_clip's CLIP BPE tokenizer
+(offline, no download). The denoiser only sees `encode_text`'s output, (B, L, latent_dim)
+tokens and a (B, L) mask, so a frozen pretrained encoder can replace it.
+
+    python 04_model.py                  # every preset: size, FLOPs, self-checks (~1 min on CPU)
+    python 04_model.py --preset tiny
+
+Prints, per preset: parameters, forward FLOPs per image (torch.utils.flop_counter), the
+FLOPs of sampling one image with 50 Euler steps and multi-reward CFG, and runs a
+forward/backward check and a check that every reward level changes the output.
+"""
+import argparse
+import math
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+# Sizes. image_size/patch_size set the interface (patch tokens), num_latents x latent_dim
+# the latents, num_blocks x num_layers the depth. `paper` matches the released MIRO
+# network (4 blocks x 4 layers, 256 latents x 1024, 256 interface tokens of width 256).
+PRESETS = {
+    "tiny": dict(image_size=32, patch_size=4, data_dim=64, latent_dim=128, num_latents=32, num_blocks=2,
+                 num_layers=2, heads=4, text_dim=128, text_layers=2, text_len=64),
+    "small": dict(image_size=64, patch_size=4, data_dim=256, latent_dim=512, num_latents=128, num_blocks=4,
+                  num_layers=2, heads=8, text_dim=512, text_layers=4, text_len=64),
+    "paper": dict(image_size=256, patch_size=16, data_dim=256, latent_dim=1024, num_latents=256, num_blocks=4,
+                  num_layers=4, heads=16, text_dim=512, text_layers=6, text_len=77),
+}
+VOCAB_SIZE = 49408  # open_clip's CLIP BPE vocabulary; 0 pads, 49406 starts, 49407 ends a caption
+
+
+# ----------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (bf16 squares lose precision), returned in the input dtype."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), eps=1e-6).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x (B, N, dim) over context c (B, M, ctx_dim), with QK-norm."""
+
+    def __init__(self, dim, ctx_dim, heads):
+        super().__init__()
+        self.heads, inner = heads, min(dim, ctx_dim)  # narrow side sets the width, as in RIN
+        self.q = nn.Linear(dim, inner, bias=False)
+        self.kv = nn.Linear(ctx_dim, 2 * inner, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(inner // heads), RMSNorm(inner // heads)
+        self.out = nn.Linear(inner, dim)
+
+    def forward(self, x, c, mask=None):
+        B, N, M, H = x.shape[0], x.shape[1], c.shape[1], self.heads
+        q = self.q(x).view(B, N, H, -1).transpose(1, 2)                  # (B, H, N, d)
+        k, v = self.kv(c).view(B, M, 2, H, -1).permute(2, 0, 3, 1, 4)    # 2 x (B, H, M, d)
+        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm: bounded logits, stable in bf16
+        mask = None if mask is None else mask[:, None, None, :]          # (B, 1, 1, M), True = attend
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward; hidden = 2/3 of 4x width (same parameters as a 4x GELU MLP), rounded to 64."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = -(-int(8 * dim / 3) // 64) * 64
+        self.gate_up = nn.Linear(dim, 2 * hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention (self, or cross when ctx_dim is given) + SwiGLU."""
+
+    def __init__(self, dim, heads, ctx_dim=None):
+        super().__init__()
+        self.norm, self.norm_ctx = RMSNorm(dim), RMSNorm(ctx_dim) if ctx_dim else None
+        self.attn = Attention(dim, ctx_dim or dim, heads)
+        self.norm_mlp, self.mlp = RMSNorm(dim), SwiGLU(dim)
+
+    def forward(self, x, ctx=None, mask=None):
+        h = self.norm(x)
+        x = x + self.attn(h, h if ctx is None else self.norm_ctx(ctx), mask)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class RINBlock(nn.Module):
+    """Latents: attend to the conditioning, read the patches, think K times; then patches read them back."""
+
+    def __init__(self, data_dim, latent_dim, num_layers, heads):
+        super().__init__()
+        self.attend_cond = Block(latent_dim, heads, ctx_dim=latent_dim)
+        self.read = Block(latent_dim, heads, ctx_dim=data_dim)
+        self.think = nn.ModuleList(Block(latent_dim, heads) for _ in range(num_layers))
+        self.write = Block(data_dim, heads, ctx_dim=latent_dim)
+
+    def forward(self, patches, latents, cond, cond_mask):
+        latents = self.attend_cond(latents, cond, cond_mask)
+        latents = self.read(latents, patches)
+        for layer in self.think:
+            latents = layer(latents)
+        return self.write(patches, latents), latents
+
+
+def sinusoid(values, dim):
+    """(B,) values in [0, 1] -> (B, dim) sin/cos features over periods from 1e-3 to 10."""
+    freqs = torch.exp(-math.log(1e4) * torch.arange(dim // 2, device=values.device) / (dim // 2))
+    angles = 1000 * values.float()[:, None] * freqs  # x1000: t and levels live in [0, 1]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def embedder(dim, freq_dim=256):
+    """sinusoid features -> token: Linear, SiLU, Linear."""
+    return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+# ----------------------------------------------------------------------------- text
+_TOKENIZER = None
+
+
+def tokenize(texts, length):
+    """Captions -> int64 (B, length) CLIP BPE ids (open_clip's vocabulary ships with it, offline)."""
+    global _TOKENIZER
+    _TOKENIZER = _TOKENIZER or open_clip.tokenizer.SimpleTokenizer()
+    return _TOKENIZER(list(texts), context_length=length)
+
+
+class TextEncoder(nn.Module):
+    """A small trainable transformer: ids (B, L) -> tokens (B, L, dim) and mask (B, L)."""
+
+    def __init__(self, dim, layers, heads, length):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB_SIZE, dim)
+        self.pos = nn.Parameter(torch.randn(length, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.norm = RMSNorm(dim)
+
+    def forward(self, ids):
+        mask = ids != 0                                    # (B, L) real tokens (start, words, end)
+        x = self.embed(ids) + self.pos[: ids.shape[1]]     # (B, L, dim)
+        for block in self.blocks:
+            x = block(x, mask=mask)
+        return self.norm(x), mask
+
+
+# ----------------------------------------------------------------------------- the network
+class TextRIN(nn.Module):
+    """v = net(x_t, t, reward levels, caption): the velocity of paper eq. 2, and the latents."""
+
+    def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
+                 heads, text_dim, text_layers, text_len, num_rewards):
+        super().__init__()
+        self.patch_size, self.num_rewards, self.text_len = patch_size, num_rewards, text_len
+        num_patches, patch_values = (image_size // patch_size) ** 2, 3 * patch_size ** 2
+        # interface: patches in and out
+        self.patch_in = nn.Linear(patch_values, data_dim)
+        self.patch_pos = nn.Parameter(torch.randn(num_patches, data_dim) * 0.02)
+        self.patch_norm = RMSNorm(data_dim)
+        self.out_norm, self.patch_out = RMSNorm(data_dim), nn.Linear(data_dim, patch_values)
+        # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
+        self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
+        self.prev_norm, self.prev_proj = RMSNorm(latent_dim), nn.Linear(latent_dim, latent_dim)
+        # conditioning tokens: time, one per reward (none for the baseline), text
+        self.time_embed = embedder(latent_dim)
+        if num_rewards:
+            self.reward_embed = embedder(latent_dim)
+            self.reward_id = nn.Parameter(torch.randn(num_rewards, latent_dim) * 0.02)
+        self.text = TextEncoder(text_dim, text_layers, heads, text_len)
+        self.text_proj = nn.Linear(text_dim, latent_dim)
+        self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads) for _ in range(num_blocks))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.prev_proj.weight)
+
+    def encode_text(self, ids):
+        """ids (B, L) -> text tokens (B, L, latent_dim), mask (B, L). Swap this for a frozen encoder."""
+        tokens, mask = self.text(ids)
+        return self.text_proj(tokens), mask
+
+    def condition(self, t, levels, text_tokens, text_mask):
+        """The conditioning tokens (B, 1 + R + L, latent_dim) and their mask."""
+        tokens = [self.time_embed(sinusoid(t, 256))[:, None]]                 # (B, 1, D)
+        if self.num_rewards:
+            B, R = levels.shape
+            reward = self.reward_embed(sinusoid(levels.reshape(-1), 256)).view(B, R, -1)
+            tokens.append(reward + self.reward_id)                            # (B, R, D)
+        tokens.append(text_tokens)                                            # (B, L, D)
+        always = torch.ones(t.shape[0], 1 + self.num_rewards, dtype=torch.bool, device=t.device)
+        return torch.cat(tokens, dim=1), torch.cat([always, text_mask], dim=1)
+
+    def denoise(self, x_t, t, levels, text_tokens, text_mask, prev_latents=None):
+        """x_t (B, 3, H, W) in [-1, 1] scale, t (B,), levels (B, R) -> v (B, 3, H, W), latents (B, n, D)."""
+        B, _, H, W = x_t.shape
+        p = self.patch_size
+        patches = x_t.reshape(B, 3, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, 3 * p * p)
+        patches = self.patch_norm(self.patch_in(patches)) + self.patch_pos       # (B, P, data_dim)
+        latents = self.latents.expand(B, -1, -1)                                 # (B, n, latent_dim)
+        if prev_latents is not None:
+            latents = latents + self.prev_proj(self.prev_norm(prev_latents))
+        cond, cond_mask = self.condition(t, levels, text_tokens, text_mask)
+        for block in self.blocks:
+            patches, latents = block(patches, latents, cond, cond_mask)
+        v = self.patch_out(self.out_norm(patches))                              # (B, P, 3 p p)
+        v = v.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
+        return v, latents
+
+    def forward(self, x_t, t, levels, text_ids, prev_latents=None):
+        return self.denoise(x_t, t, levels, *self.encode_text(text_ids), prev_latents)
+
+
+def build(preset, num_rewards, **overrides):
+    """A TextRIN from a preset name; returns (model, model_args) with model_args enough to rebuild it."""
+    model_args = dict(PRESETS[preset], num_rewards=num_rewards, **overrides)
+    return TextRIN(**model_args), model_args
+
+
+def dummy_inputs(model_args, batch, device="cpu"):
+    """Random inputs of the right shapes: x_t, t, levels, text ids."""
+    size, R = model_args["image_size"], model_args["num_rewards"]
+    ids = tokenize(["a red circle at the top left and a blue square at the bottom right."] * batch,
+                   model_args["text_len"]).to(device)
+    return (torch.randn(batch, 3, size, size, device=device), torch.rand(batch, device=device),
+            torch.rand(batch, R, device=device), ids)
+
+
+def count_flops(fn):
+    """FLOPs of fn() as counted by torch.utils.flop_counter (matmuls, attention; forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), action="append", help="preset(s) to report (default all)")
+    parser.add_argument("--rewards", type=int, default=4, help="number of reward tokens R")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"{'preset':>6} {'params':>9} {'text enc':>9} {'res':>4} {'tokens P+n+c':>13} "
+          f"{'fwd GFLOP/img':>14} {'sample 50x2 GFLOP':>18}  checks")
+    for preset in args.preset or list(PRESETS):
+        model, model_args = build(preset, args.rewards)
+        params = sum(p.numel() for p in model.parameters())
+        text_params = sum(p.numel() for p in model.text.parameters())
+        x_t, t, levels, ids = dummy_inputs(model_args, 1)
+        text_flops = count_flops(lambda: model.encode_text(ids))
+        text_tokens, text_mask = model.encode_text(ids)
+        denoise_flops = count_flops(lambda: model.denoise(x_t, t, levels, text_tokens, text_mask))
+        # sampling: the caption is encoded once; 50 steps x 2 branches (s+ and s-) of the denoiser
+        sample_flops = text_flops + 50 * 2 * denoise_flops
+        checks = self_check(model, model_args)
+        num_tokens = (model_args["image_size"] // model_args["patch_size"]) ** 2
+        tokens = f"{num_tokens}+{model_args['num_latents']}+{1 + args.rewards + model_args['text_len']}"
+        print(f"{preset:>6} {params / 1e6:8.1f}M {text_params / 1e6:8.1f}M {model_args['image_size']:>4} {tokens:>13} "
+              f"{(text_flops + denoise_flops) / 1e9:14.2f} {sample_flops / 1e9:18.1f}  {checks}")
+
+
+def self_check(model, model_args):
+    """A forward/backward pass reaches every parameter; each reward level changes the output."""
+    x_t, t, levels, ids = dummy_inputs(model_args, 2)
+    v, latents = model(x_t, t, levels, ids)
+    v2, _ = model(x_t, t, levels, ids, prev_latents=latents.detach())
+    (v.square().mean() + v2.square().mean()).backward()
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None]
+    assert v.shape == x_t.shape and not no_grad, f"no gradient reaches {no_grad}"
+    with torch.no_grad():
+        for r in range(model_args["num_rewards"]):
+            low, high = levels.clone(), levels.clone()
+            low[:, r], high[:, r] = 0.0, 1.0
+            assert not torch.allclose(model(x_t, t, low, ids)[0], model(x_t, t, high, ids)[0]), f"reward {r} is ignored"
+    return f"fwd/bwd ok, {model_args['num_rewards']} reward levels each change v"
+
+
+if __name__ == "__main__":
+    main()

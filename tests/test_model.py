@@ -1,0 +1,127 @@
+"""04_model.py: sizes, reward tokens, gradients, and the flow-matching math of 05_train.py."""
+import pytest
+import torch
+
+from conftest import run, stage
+
+net = stage("04_model")
+train = stage("05_train")
+
+
+def tiny(num_rewards, **overrides):
+    torch.manual_seed(0)
+    return net.build("tiny", num_rewards, **overrides)
+
+
+def test_paper_preset_is_0_36b_parameters():
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model, _ = net.build("paper", 7)
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params / 0.36e9 - 1) < 0.10, params
+
+
+def test_model_main_prints_the_table():
+    out = run("04_model.py", "--preset", "tiny").stdout
+    assert "fwd GFLOP/img" in out and "sample 50x2 GFLOP" in out
+    row = next(line for line in out.splitlines() if line.split()[0] == "tiny")
+    assert "fwd/bwd ok" in row and "4 reward levels each change v" in row
+
+
+def test_flop_counter_counts_a_linear_layer_exactly():
+    layer = torch.nn.Linear(32, 16, bias=False)
+    assert net.count_flops(lambda: layer(torch.randn(5, 32))) == 2 * 5 * 32 * 16
+
+
+def test_each_reward_level_changes_the_output_and_only_through_its_token():
+    model, args = tiny(3)
+    x_t, t, levels, ids = net.dummy_inputs(args, 2)
+    with torch.no_grad():
+        base = model(x_t, t, levels, ids)[0]
+        for r in range(3):
+            moved = levels.clone()
+            moved[:, r] = 1 - moved[:, r]
+            assert not torch.allclose(model(x_t, t, moved, ids)[0], base, atol=1e-5)
+        assert torch.equal(model(x_t, t, levels.clone(), ids)[0], base)  # same levels, same output
+
+
+def test_baseline_has_no_reward_tokens():
+    model, args = tiny(0)
+    assert not any("reward" in name for name, _ in model.named_parameters())
+    x_t, t, _, ids = net.dummy_inputs(args, 2)
+    tokens, mask = model.encode_text(ids)
+    cond, cond_mask = model.condition(t, torch.zeros(2, 0), tokens, mask)
+    assert cond.shape[1] == 1 + args["text_len"]  # the time token and the text, nothing else
+    conditioned, args4 = tiny(4)
+    tokens4, mask4 = conditioned.encode_text(ids)
+    assert conditioned.condition(t, torch.rand(2, 4), tokens4, mask4)[0].shape[1] == 1 + 4 + args["text_len"]
+    assert model(x_t, t, torch.zeros(2, 0), ids)[0].shape == x_t.shape
+
+
+def test_padding_does_not_change_the_text_tokens():
+    model, args = tiny(1)
+    ids = net.tokenize(["a red circle"], args["text_len"])
+    with torch.no_grad():
+        short, _ = model.encode_text(ids[:, :8])
+        full, mask = model.encode_text(ids)
+    real = mask[0].sum()
+    assert torch.allclose(short[0, :real], full[0, :real], atol=1e-5)
+
+
+def test_noisy_interpolates_from_data_at_t0_to_noise_at_t1():
+    x, eps = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    assert torch.equal(train.noisy(x, eps, torch.zeros(3)), x)
+    assert torch.equal(train.noisy(x, eps, torch.ones(3)), eps)
+    t = torch.tensor([0.25, 0.5, 0.9])
+    x_t = train.noisy(x, eps, t)
+    # the target velocity eps - x is constant along the path: one Euler step to t = 0 lands on x exactly
+    assert torch.allclose(x_t - t.view(-1, 1, 1, 1) * (eps - x), x, atol=1e-6)
+
+
+class Oracle(torch.nn.Module):
+    """Knows the data and the noise: predicts v = eps - x, the flow-matching target."""
+
+    def __init__(self, x, eps, shift=0.0):
+        super().__init__()
+        self.x, self.eps, self.shift = x, eps, shift
+
+    def forward(self, x_t, t, levels, ids, prev_latents=None):
+        return self.eps - self.x + self.shift, torch.zeros(len(x_t), 2, 4)
+
+
+def test_loss_is_zero_for_the_true_velocity_and_grows_with_the_error():
+    x, eps = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    t, levels, ids, self_cond = torch.rand(4), torch.rand(4, 2), torch.zeros(4, 5, dtype=torch.long), torch.ones(4)
+    assert torch.equal(train.flow_matching_loss(Oracle(x, eps), x, eps, t, levels, ids, self_cond), torch.zeros(4))
+    off = train.flow_matching_loss(Oracle(x, eps, shift=0.5), x, eps, t, levels, ids, self_cond)
+    assert torch.allclose(off, torch.full((4,), 0.25))
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_self_conditioned_step_reaches_every_parameter(amp):
+    """The first pass runs under no_grad; inside autocast that must not starve any weight of gradient."""
+    model, args = tiny(2)
+    x, t, levels, ids = net.dummy_inputs(args, 3)
+    autocast, _ = train.amp_setup(amp, torch.device("cpu"))
+    with autocast:
+        loss = train.flow_matching_loss(model, x.clamp(-1, 1), torch.randn_like(x), t, levels, ids,
+                                        torch.ones(3)).mean()
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert model.patch_in.weight.grad.abs().sum() > 0
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    class Args:
+        lr, warmup, steps = 1e-3, 10, 110
+    assert train.lr_at(0, Args) == pytest.approx(1e-4)
+    assert train.lr_at(9, Args) == pytest.approx(1e-3)
+    assert train.lr_at(60, Args) == pytest.approx(0.55e-3)
+    assert train.lr_at(110, Args) == pytest.approx(1e-4)
+
+
+def test_batches_cover_every_image_once_per_epoch():
+    seen = torch.cat([train.batch_indices(step, 7, 20, seed=1) for step in range(20)])  # 140 = 7 epochs of 20
+    for epoch in range(7):
+        assert sorted(seen[epoch * 20:(epoch + 1) * 20].tolist()) == list(range(20))
+    assert torch.equal(train.batch_indices(5, 7, 20, seed=1), train.batch_indices(5, 7, 20, seed=1))
