@@ -1,0 +1,450 @@
+"""Stage 05: train TextRIN by flow matching on reward-conditioned data (paper eq. 2).
+
+Each training image x comes with a caption c and its reward levels s = bins / (B - 1)
+(03_bin.py). With t ~ U(0, 1) (logit-normal as an option) and noise eps ~ N(0, I):
+
+    x_t = (1 - t) x + t eps          t = 1 is pure noise, t = 0 is data
+    loss = || v(x_t, t, c, s) - (eps - x) ||^2                        (paper eq. 2)
+
+`--rewards none` trains the unconditioned baseline and `--rewards NAME` a single-reward
+model with the same script: only the number of reward tokens changes. `--captions mix`
+shows each image with its alt text or its long caption, half and half, as in the paper.
+
+    python 05_train.py                                      # MIRO on the shapes world (tiny, CPU)
+    python 05_train.py --rewards none --run baseline        # the same model without rewards
+    python 05_train.py --rewards colourfulness --run only_colourfulness
+    python 05_train.py --run miro --resume --steps 4000     # continue a run from its checkpoint
+    torchrun --nproc_per_node 8 05_train.py --preset small --compile --run-name small
+                        # (torchrun reads "--run" as its own --run-path: say --run-name)
+    python 05_train.py --benchmark                          # images/s and MFU per preset
+
+Reads OUT/images.npy, OUT/captions.pt, OUT/bins.pt; writes OUT/runs/RUN/ckpt.pt (every
+--ckpt-every steps and at the end, atomically) and OUT/runs/RUN/log.jsonl (one JSON line
+per logged step). Prints one line per --log-every steps: loss, lr, grad norm, images/s, MFU.
+Every step's randomness (batch, t, noise, caption choice) is seeded by (seed, step, rank),
+so a resumed run is bit-for-bit the run that was never stopped.
+"""
+import argparse
+import copy
+import functools
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+world = importlib.import_module("01_caption")   # file helpers
+net = importlib.import_module("04_model")       # TextRIN, presets, tokenizer, FLOP counter
+STAGE, VERSION = "05_train.py", 1
+
+
+# ----------------------------------------------------------------------------- flow matching (eq. 2)
+def sample_t(batch, dist_name, generator, device):
+    """t in (0, 1): uniform, or logit-normal (more steps at mid noise, as in SD3)."""
+    if dist_name == "logit-normal":
+        return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    return torch.rand(batch, generator=generator, device=device)
+
+
+def noisy(x, eps, t):
+    """x_t = (1 - t) x + t eps: t = 1 is noise, t = 0 is data."""
+    t = t.view(-1, 1, 1, 1)
+    return (1 - t) * x + t * eps
+
+
+def flow_matching_loss(model, x, eps, t, levels, ids, self_cond):
+    """Per-image loss ||v(x_t) - (eps - x)||^2 (paper eq. 2), with latent self-conditioning.
+
+    self_cond (B,) is 1 where the network first makes a guess without gradients and then
+    sees its own (detached) latents, 0 where it sees zeros, as at the first sampling step.
+    """
+    x_t = noisy(x, eps, t)
+    with torch.no_grad():
+        _, latents = model(x_t, t, levels, ids)
+    v, _ = model(x_t, t, levels, ids, prev_latents=latents * self_cond.view(-1, 1, 1))
+    return (v.float() - (eps - x)).square().mean(dim=(1, 2, 3))  # (B,)
+
+
+# ----------------------------------------------------------------------------- data
+def load_data(out, reward_spec, captions_mode, text_len):
+    """Images (memory-mapped), token ids per caption kind, reward levels in [0, 1] and names."""
+    images = world.load_images(os.path.join(out, "images.npy"), STAGE)
+    captions = world.load_pt(os.path.join(out, "captions.pt"), ["alt", "long", "short"], STAGE, "01_caption.py")
+    bins = world.load_pt(os.path.join(out, "bins.pt"), ["names", "num_bins", "edges", "bins"], STAGE, "03_bin.py")
+    N = len(images)
+    if len(captions["alt"]) != N:
+        sys.exit(f"{STAGE}: error: images.npy has {N} images but captions.pt has {len(captions['alt'])}: re-run 01_caption.py")
+    if len(bins["bins"]) != N or bins.get("dataset") != world.dataset_id(captions):
+        why = f"{len(bins['bins'])} images, not {N}" if len(bins["bins"]) != N else "its captions' fingerprint differs"
+        sys.exit(f"{STAGE}: error: bins.pt was made from another dataset ({why}): re-run 02_score.py and 03_bin.py")
+    names = [] if reward_spec == "none" else list(bins["names"]) if reward_spec == "all" else reward_spec.split(",")
+    unknown = [name for name in names if name not in bins["names"]]
+    if unknown:
+        sys.exit(f"{STAGE}: error: unknown reward {', '.join(unknown)}; bins.pt has: {', '.join(bins['names'])}")
+    columns = [list(bins["names"]).index(name) for name in names]
+    levels = bins["bins"][:, columns].float() / (bins["num_bins"] - 1)  # (N, R) in [0, 1]
+    kinds = ["alt", "long"] if captions_mode == "mix" else [captions_mode]
+    ids = torch.stack([net.tokenize(captions[kind], text_len) for kind in kinds])  # (kinds, N, L)
+    return images, ids, levels, names, bins
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(epoch, n, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batch_indices(step, batch, n, seed):
+    """Global batch number `step`: the next `batch` images of an endless run of seeded epochs."""
+    start = step * batch
+    first, last = start // n, (start + batch - 1) // n
+    order = torch.cat([epoch_order(e, n, seed) for e in range(first, last + 1)])
+    return order[start - first * n: start - first * n + batch]
+
+
+def get_batch(step, args, data, rank, world_size, device):
+    """This rank's share of global batch `step`: images in [-1, 1], token ids, levels, and its RNG."""
+    images, ids, levels = data
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+    idx = batch_indices(step, args.batch_size, len(images), args.seed).view(world_size, -1)[rank]
+    idx = idx.sort().values  # sorted reads are faster on a memory map
+    x = torch.from_numpy(images[idx.numpy()]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
+    kind = torch.randint(len(ids), (len(idx),), generator=generator)  # alt or long, for --captions mix
+    batch_ids = ids[kind, idx]                                          # (B, L)
+    drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
+    batch_ids[drop] = net.tokenize([""], batch_ids.shape[1])
+    device_generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+    return x, batch_ids.to(device), levels[idx].to(device), device_generator
+
+
+# ----------------------------------------------------------------------------- optimisation
+def lr_at(step, args):
+    """Linear warmup, then cosine decay to lr / 10 at --steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, args, device):
+    """AdamW; weight decay on matrices only (not on norms and biases); fused (one kernel for all tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=device.type in ("cuda", "cpu"))
+
+
+@torch.no_grad()
+def update_ema(ema, model, step, decay):
+    decay = min(decay, (1 + step) / (10 + step))  # short runs: the average forgets the random init
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def amp_setup(amp, device):
+    """(autocast context, GradScaler or None). bf16 on CUDA, fp16 + GradScaler without bf16, fp32 on CPU."""
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+    if amp == "off":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    # cache_enabled=False: the self-conditioning pass runs under no_grad, and on older torch
+    # versions a low-precision weight cached there carries no autograd history into the
+    # second pass, so that weight would silently get no gradient
+    context = torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+    return context, torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+def peak_flops(device, amp, override):
+    """Peak FLOP/s for MFU: --peak-tflops, a known GPU's dense bf16 peak, or a measured CPU matmul."""
+    if override:
+        return override * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        known = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+        return next((flops for key, flops in known.items() if key in name), None)
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
+    a = torch.randn(1024, 1024, dtype=dtype)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    return 8 * 2 * 1024 ** 3 / (time.perf_counter() - start)
+
+
+def train_flops_per_image(model, model_args, self_cond_rate):
+    """FLOPs of one image's training step, counted by torch.utils.flop_counter on the real step."""
+    x, t, levels, ids = net.dummy_inputs(model_args, 1, next(model.parameters()).device)
+    forward = net.count_flops(lambda: model(x, t, levels, ids))
+    forward_backward = net.count_flops(lambda: model(x, t, levels, ids)[0].sum().backward())
+    model.zero_grad(set_to_none=True)
+    return forward_backward + self_cond_rate * forward  # + the self-conditioning pass
+
+
+# ----------------------------------------------------------------------------- training
+def save_checkpoint(path, raw_model, ema, optimizer, step, model_args, names, bins, args):
+    world.save_atomic({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                       "step": step, "model_args": model_args, "reward_names": names, "num_bins": bins["num_bins"],
+                       "bin_edges": bins["edges"][[list(bins["names"]).index(n) for n in names]],
+                       "version": VERSION, "config": world.file_config(args)}, path)
+
+
+def train(args):
+    ddp = "RANK" in os.environ  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.batch_size % world_size:
+        sys.exit(f"{STAGE}: error: --batch-size {args.batch_size} is not a multiple of the {world_size} processes")
+    run_dir = os.path.join(args.out, "runs", args.run)
+    ckpt_path, log_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "log.jsonl")
+    checkpoint = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"{STAGE}: error: --resume: no checkpoint at {ckpt_path}: train without --resume first")
+        checkpoint = world.load_pt(ckpt_path, ["model", "ema", "optimizer", "step", "model_args"], STAGE, STAGE)
+    model_args = checkpoint["model_args"] if checkpoint else None
+    text_len = model_args["text_len"] if model_args else net.PRESETS[args.preset]["text_len"]
+    images, ids, levels, names, bins = load_data(args.out, args.rewards, args.captions, text_len)
+    if model_args is None:
+        model_args = dict(net.PRESETS[args.preset], num_rewards=len(names))
+    if model_args["image_size"] != images.shape[1]:
+        sys.exit(f"{STAGE}: error: preset {args.preset} is {model_args['image_size']} px but images.npy holds "
+                 f"{images.shape[1]} px images: pick another --preset or re-run 01_caption.py --size")
+    if checkpoint and checkpoint["reward_names"] != names:
+        sys.exit(f"{STAGE}: error: --resume: the run was trained on rewards {checkpoint['reward_names']}, not {names}")
+    if rank == 0:
+        world.prepare_out(run_dir, STAGE)
+
+    torch.manual_seed(args.seed)
+    raw_model = net.TextRIN(**model_args).to(device)
+    ema = copy.deepcopy(raw_model).requires_grad_(False)
+    optimizer = make_optimizer(raw_model, args, device)
+    step = 0
+    if checkpoint:
+        raw_model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step = checkpoint["step"]
+    autocast, scaler = amp_setup(args.amp, device)
+    flops_per_image = train_flops_per_image(raw_model, model_args, args.self_cond)
+    peak = peak_flops(device, args.amp, args.peak_tflops)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if rank == 0:
+        params = sum(p.numel() for p in raw_model.parameters())
+        print(f"run {args.run}: {args.preset} TextRIN {params / 1e6:.1f}M params, rewards {names or 'none (baseline)'}, "
+              f"captions {args.captions}, {len(images)} images, batch {args.batch_size} on {world_size} x {device}, "
+              f"steps {step} -> {args.stop_at or args.steps}")
+        kept = []  # the log keeps exactly the steps the checkpoint has seen
+        if checkpoint and os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+
+    data = (images, ids, levels)
+    last_good, window, started = step, [], time.perf_counter()
+    end = min(args.stop_at or args.steps, args.steps)
+    while step < end:
+        x, batch_ids, batch_levels, generator = get_batch(step, args, data, rank, world_size, device)
+        t = sample_t(len(x), args.t_dist, generator, device)
+        eps = torch.randn(x.shape, generator=generator, device=device)
+        self_cond = (torch.rand(len(x), generator=generator, device=device) < args.self_cond).float()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        with autocast:
+            per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond)
+        loss = per_image.mean()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_norm)):
+            kept = f"{ckpt_path} keeps step {last_good}, the last good checkpoint" if last_good else "no checkpoint was written"
+            sys.exit(f"{STAGE}: error: non-finite loss ({loss_value}, grad norm {grad_norm}) at step {step + 1}: "
+                     f"stopped; {kept}")
+        scaler.step(optimizer) if scaler else optimizer.step()
+        if scaler:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, raw_model, step, args.ema)
+        step += 1
+        window.append((loss_value, t.detach().cpu(), per_image.detach().float().cpu()))
+
+        if step % args.log_every == 0 or step == end:
+            elapsed, started = time.perf_counter() - started, time.perf_counter()
+            images_per_s = len(window) * args.batch_size / elapsed
+            t_all, loss_all = torch.cat([w[1] for w in window]), torch.cat([w[2] for w in window])
+            quarter = (t_all * 4).long().clamp(max=3)  # loss per t quarter: where the model still struggles
+            record = {"step": step, "loss": sum(w[0] for w in window) / len(window), "lr": lr_at(step - 1, args),
+                      "grad_norm": grad_norm, "images_per_s": images_per_s,
+                      "mfu": images_per_s * flops_per_image / peak if peak else None,
+                      "loss_by_t": [loss_all[quarter == q].mean().item() if (quarter == q).any() else None
+                                    for q in range(4)]}
+            if ddp:  # ranks must hold the same parameters: compare a checksum of each
+                checksum = torch.tensor([sum(float(p.double().sum()) for p in raw_model.parameters())],
+                                        dtype=torch.float64, device=device)
+                gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
+                dist.all_gather(gathered, checksum)
+                record["param_checksums"] = [g.item() for g in gathered]
+            window = []
+            if rank == 0:
+                mfu = f"{100 * record['mfu']:.1f}%" if peak else "-"
+                print(f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | grad norm {grad_norm:.3f} "
+                      f"| {images_per_s:7.1f} img/s | MFU {mfu}", flush=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if rank == 0 and (step % args.ckpt_every == 0 or step == end):
+            save_checkpoint(ckpt_path, raw_model, ema, optimizer, step, model_args, names, bins, args)
+            last_good = step
+    if rank == 0:
+        print(f"saved {ckpt_path} at step {step}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- benchmark
+class OfficialNetwork(torch.nn.Module):
+    """The released MIRO network (pip install miro-t2i einops) behind TextRIN's call, for timing only.
+
+    Same width, depth, latents and conditioning tokens as the preset: the latents attend to
+    the conditioning in every block (use_cond_rin_block) instead of carrying it as extra
+    latents, exactly as TextRIN does. A trainable embedding stands in for its frozen T5.
+    """
+
+    def __init__(self, model_args):
+        super().__init__()
+        from miro.models.networks.rin import CADRINTextCond
+        a, self.R = model_args, model_args["num_rewards"]
+        self.embed = torch.nn.Embedding(net.VOCAB_SIZE, a["text_dim"])
+        self.net = CADRINTextCond(
+            data_size=a["image_size"], data_dim=a["data_dim"], num_input_channels=3, num_latents=a["num_latents"],
+            latents_dim=a["latent_dim"], label_dim=a["text_dim"], num_processing_layers=a["num_layers"],
+            num_blocks=a["num_blocks"], patch_size=a["patch_size"], num_cond_tokens=0, read_write_heads=a["heads"],
+            compute_heads=a["heads"], use_cond_rin_block=True, concat_cond_token_to_latents=False,
+            use_self_conditioning=True, num_text_registers=16, coherence_keys=[f"r{i}" for i in range(self.R)])
+
+    def forward(self, x_t, t, levels, ids, prev_latents=None):
+        batch = {"y": x_t, "gamma": 1 - t, "text_tokens_embeddings": self.embed(ids), "text_tokens_mask": ids != 0,
+                 **{f"r{i}_coherence": levels[:, i] for i in range(self.R)}}
+        batch["previous_latents"] = prev_latents
+        return self.net(batch)
+
+
+def time_train_steps(model, model_args, args, device, peak):
+    """images/s and MFU of the training step of `model` on random data (same step as train())."""
+    model = model.to(device)
+    optimizer = make_optimizer(model, args, device)
+    flops_per_image = train_flops_per_image(model, model_args, args.self_cond)
+    compiled = torch.compile(model) if args.compile else model
+    autocast, scaler = amp_setup(args.amp, device)
+    x, t, levels, ids = net.dummy_inputs(model_args, args.batch_size, device)
+    eps, self_cond = torch.randn_like(x), (torch.rand(len(x), device=device) < args.self_cond).float()
+
+    def one_step():
+        with autocast:
+            loss = flow_matching_loss(compiled, x, eps, t, levels, ids, self_cond).mean()
+        (scaler.scale(loss) if scaler else loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer) if scaler else optimizer.step()
+        if scaler:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.bench_warmup):  # compilation and allocator warm-up
+        one_step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.bench_steps):
+        one_step()
+    sync()
+    images_per_s = args.bench_steps * args.batch_size / (time.perf_counter() - start)
+    return images_per_s, flops_per_image, images_per_s * flops_per_image / peak if peak else None
+
+
+def benchmark(args):
+    """Train-step throughput and MFU per preset on this device (and of the released network with --official)."""
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    peak = peak_flops(device, args.amp, args.peak_tflops)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"train step on {name}, amp {args.amp}, compile {args.compile}, batch {args.batch_size}, "
+          f"peak {peak / 1e12 if peak else float('nan'):.1f} TFLOP/s" + (" (measured matmul)" if device.type == "cpu"
+                                                                         and not args.peak_tflops else ""))
+    print(f"{'preset':>6} {'network':>9} {'params':>8} {'GFLOP/img':>10} {'img/s':>9} {'MFU':>6}")
+    for preset in args.bench_presets.split(","):
+        model_args = dict(net.PRESETS[preset], num_rewards=7)  # the paper's 7 rewards
+        networks = [("TextRIN", lambda: net.TextRIN(**model_args))]
+        if args.official:
+            networks.append(("official", lambda: OfficialNetwork(model_args)))
+        for label, make in networks:
+            torch.manual_seed(0)
+            model = make()
+            images_per_s, flops, mfu = time_train_steps(model, model_args, args, device, peak)
+            params = sum(p.numel() for p in model.parameters())
+            print(f"{preset:>6} {label:>9} {params / 1e6:7.1f}M {flops / 1e9:10.2f} {images_per_s:9.1f} "
+                  f"{f'{100 * mfu:.1f}%' if mfu else '-':>6}", flush=True)
+            del model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt, bins.pt)")
+    parser.add_argument("--run", "--run-name", dest="run", default="miro",
+                        help="run name: writes OUT/runs/RUN/ckpt.pt and log.jsonl (--run-name under torchrun)")
+    parser.add_argument("--preset", default="tiny", help=f"network size: {', '.join(net.PRESETS)}")
+    parser.add_argument("--rewards", default="all", help="all, none (the baseline) or comma-separated names")
+    parser.add_argument("--captions", default="mix", choices=["alt", "long", "short", "mix"],
+                        help="caption shown with each image (mix: alt or long, half and half)")
+    parser.add_argument("--steps", type=int, default=3000, help="total training steps (sets the lr schedule)")
+    parser.add_argument("--stop-at", type=int, default=0, help="stop early at this step (resume later with --resume)")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch size (split across processes)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights kept for sampling")
+    parser.add_argument("--self-cond", type=float, default=0.9, help="probability of latent self-conditioning")
+    parser.add_argument("--text-drop", type=float, default=0.1, help="probability of an empty caption (text CFG)")
+    parser.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="autocast: auto = bf16 on CUDA (fp16 + GradScaler without bf16), off on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of every step's draws")
+    parser.add_argument("--log-every", type=int, default=25, help="steps between log lines")
+    parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue OUT/runs/RUN from its checkpoint")
+    parser.add_argument("--peak-tflops", type=float, default=0, help="peak TFLOP/s for MFU (default: known GPU or measured CPU)")
+    parser.add_argument("--benchmark", action="store_true", help="time train steps on random data, print img/s and MFU")
+    parser.add_argument("--bench-presets", default="tiny", help="presets to benchmark, comma-separated")
+    parser.add_argument("--bench-steps", type=int, default=10, help="timed steps per benchmark")
+    parser.add_argument("--bench-warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--official", action="store_true", help="also time the released MIRO network (miro-t2i)")
+    args = parser.parse_args()
+    bad_presets = [p for p in [args.preset] + args.bench_presets.split(",") if p not in net.PRESETS]
+    if bad_presets:
+        sys.exit(f"{STAGE}: error: unknown preset {', '.join(bad_presets)}; known: {', '.join(net.PRESETS)}")
+    if min(args.steps, args.batch_size, args.log_every, args.ckpt_every) < 1:
+        sys.exit(f"{STAGE}: error: --steps, --batch-size, --log-every and --ckpt-every must be >= 1")
+    benchmark(args) if args.benchmark else train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""05_train.py end to end in a temporary folder: checkpoint contract, exact resume, DDP, bad input."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run, stage
+
+net = stage("04_model")
+FAST = ["--batch-size", 8, "--log-every", 1, "--warmup", 2]
+
+
+@pytest.fixture(scope="module")
+def data(small_dataset, tmp_path_factory):
+    """A private copy of the 2,000-image dataset, so runs here never touch other tests' files."""
+    out = tmp_path_factory.mktemp("train")
+    for name in ("images.npy", "captions.pt", "bins.pt"):
+        shutil.copy(small_dataset / name, out / name)
+    return out
+
+
+def log_of(out, name):
+    return [json.loads(line) for line in (out / "runs" / name / "log.jsonl").read_text().splitlines()]
+
+
+def ckpt_of(out, name):
+    return torch.load(out / "runs" / name / "ckpt.pt", weights_only=True)
+
+
+def test_checkpoint_and_log_follow_the_contract(data):
+    result = run("05_train.py", "--out", data, "--run", "contract", "--steps", 3, "--captions", "short", *FAST)
+    assert "img/s" in result.stdout and "MFU" in result.stdout
+    ckpt = ckpt_of(data, "contract")
+    for key in ("model", "ema", "optimizer", "step", "model_args", "reward_names", "num_bins", "bin_edges",
+                "version", "config"):
+        assert key in ckpt, key
+    assert ckpt["step"] == 3 and ckpt["reward_names"] == ["alignment", "sharpness", "low_noise", "colourfulness"]
+    assert ckpt["bin_edges"].shape == (4, ckpt["num_bins"] + 1)
+    model = net.TextRIN(**ckpt["model_args"])  # the checkpoint alone rebuilds the network
+    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["ema"])
+    log = log_of(data, "contract")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for record in log:
+        assert {"loss", "lr", "grad_norm", "images_per_s", "mfu", "loss_by_t"} <= set(record)
+        assert record["loss"] > 0
+
+
+def test_baseline_and_single_reward_runs_are_the_same_script(data):
+    run("05_train.py", "--out", data, "--run", "base", "--rewards", "none", "--steps", 1, *FAST)
+    run("05_train.py", "--out", data, "--run", "only", "--rewards", "colourfulness", "--steps", 1, *FAST)
+    base, only = ckpt_of(data, "base"), ckpt_of(data, "only")
+    assert base["model_args"]["num_rewards"] == 0 and base["reward_names"] == []
+    assert not any("reward" in key for key in base["model"])
+    assert only["reward_names"] == ["colourfulness"] and only["model"]["reward_id"].shape[0] == 1
+
+
+def test_resume_is_bit_exact(data):
+    run("05_train.py", "--out", data, "--run", "straight", "--steps", 6, *FAST)
+    run("05_train.py", "--out", data, "--run", "split", "--steps", 6, "--stop-at", 3, *FAST)
+    assert ckpt_of(data, "split")["step"] == 3
+    run("05_train.py", "--out", data, "--run", "split", "--steps", 6, "--resume", *FAST)
+    straight, split = ckpt_of(data, "straight"), ckpt_of(data, "split")
+    assert split["step"] == 6
+    for part in ("model", "ema"):
+        for key, value in straight[part].items():
+            assert torch.equal(value, split[part][key]), (part, key)
+    for key, state in straight["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], split["optimizer"]["state"][key]["exp_avg_sq"])
+    assert [r["loss"] for r in log_of(data, "straight")] == [r["loss"] for r in log_of(data, "split")]
+
+
+def test_torchrun_two_ranks_hold_identical_parameters(data):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "05_train.py"), "--out", str(data), "--run-name", "ddp", "--steps", "3",
+               *map(str, FAST)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = log_of(data, "ddp")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for record in log:
+        first, second = record["param_checksums"]
+        assert first == second, record
+    assert "2 x cpu" in result.stdout
+
+
+def fails_in_one_line(*args, expect, untouched=()):
+    before = {path: path.read_bytes() for path in untouched}
+    result = run("05_train.py", *args, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    for word in expect:
+        assert word in lines[0], (word, lines[0])
+    for path, content in before.items():
+        assert path.read_bytes() == content, path
+    return lines[0]
+
+
+def test_bad_input_gives_one_clear_line(data, tmp_path):
+    fails_in_one_line("--out", data, "--preset", "huge", expect=["unknown preset huge", "tiny"])
+    fails_in_one_line("--out", data, "--rewards", "alignment,beauty", expect=["unknown reward beauty", "alignment"])
+    fails_in_one_line("--out", data, "--run", "never", "--resume", expect=["--resume", "no checkpoint"])
+    # bins.pt of another dataset: other N, then the same N with other captions
+    other = tmp_path / "other"
+    for seed in (1, 2):
+        run("01_caption.py", "--out", other / str(seed), "--n", 60, "--seed", seed)
+        run("02_score.py", "--out", other / str(seed))
+        run("03_bin.py", "--out", other / str(seed))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data, mixed, ignore=shutil.ignore_patterns("runs"))
+    shutil.copy(other / "1" / "bins.pt", mixed / "bins.pt")
+    fails_in_one_line("--out", mixed, expect=["another dataset", "60 images", "03_bin.py"])
+    shutil.copy(other / "1" / "bins.pt", other / "2" / "bins.pt")
+    fails_in_one_line("--out", other / "2", expect=["another dataset", "fingerprint", "02_score.py"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data):
+    args = ["--out", data, "--run", "blowup", "--steps", 5, "--lr", 1e30, "--warmup", 1, "--ckpt-every", 1,
+            "--batch-size", 8]
+    line = fails_in_one_line(*args, expect=["non-finite loss", "at step 2", "keeps step 1"])
+    assert "ckpt.pt" in line
+    ckpt = ckpt_of(data, "blowup")
+    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
