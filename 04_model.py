@@ -229,8 +229,9 @@ class TextRIN(nn.Module):
         patches = x_t.reshape(B, 3, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, 3 * p * p)
         patches = self.patch_norm(self.patch_in(patches)) + self.patch_pos       # (B, P, data_dim)
         latents = self.latents.expand(B, -1, -1)                                 # (B, n, latent_dim)
-        if prev_latents is not None:
-            latents = latents + self.prev_proj(self.prev_norm(prev_latents))
+        if prev_latents is None:  # no previous pass: zeros, as for the 10% of training without one
+            prev_latents = torch.zeros_like(latents)
+        latents = latents + self.prev_proj(self.prev_norm(prev_latents))
         cond, cond_mask = self.condition(t, levels, text_tokens, text_mask)
         for block in self.blocks:
             patches, latents = block(patches, latents, cond, cond_mask)
