@@ -140,6 +140,21 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=device.type in ("cuda", "cpu"))
 
 
+def backward(loss, model, optimizer, scaler, max_norm):
+    """loss.backward() (scaled under fp16), then clip; returns the gradient norm before clipping."""
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+
+
+def update(optimizer, scaler):
+    scaler.step(optimizer) if scaler else optimizer.step()
+    if scaler:
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 @torch.no_grad()
 def update_ema(ema, model, step, decay):
     decay = min(decay, (1 + step) / (10 + step))  # short runs: the average forgets the random init
@@ -268,20 +283,13 @@ def train(args):
             group["lr"] = lr_at(step, args)
         with autocast:
             per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond)
-        loss = per_image.mean()
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip).item()
-        loss_value = loss.item()
+        grad_norm = backward(per_image.mean(), raw_model, optimizer, scaler, args.grad_clip)
+        loss_value = per_image.mean().item()
         if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_norm)):
             kept = f"{ckpt_path} keeps step {last_good}, the last good checkpoint" if last_good else "no checkpoint was written"
             sys.exit(f"{STAGE}: error: non-finite loss ({loss_value}, grad norm {grad_norm}) at step {step + 1}: "
                      f"stopped; {kept}")
-        scaler.step(optimizer) if scaler else optimizer.step()
-        if scaler:
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        update(optimizer, scaler)
         update_ema(ema, raw_model, step, args.ema)
         step += 1
         window.append((loss_value, t.detach().cpu(), per_image.detach().float().cpu()))
@@ -297,8 +305,7 @@ def train(args):
                       "loss_by_t": [loss_all[quarter == q].mean().item() if (quarter == q).any() else None
                                     for q in range(4)]}
             if ddp:  # ranks must hold the same parameters: compare a checksum of each
-                checksum = torch.tensor([sum(float(p.double().sum()) for p in raw_model.parameters())],
-                                        dtype=torch.float64, device=device)
+                checksum = sum(p.double().sum() for p in raw_model.parameters()).reshape(1)
                 gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
                 dist.all_gather(gathered, checksum)
                 record["param_checksums"] = [g.item() for g in gathered]
@@ -319,33 +326,6 @@ def train(args):
 
 
 # ----------------------------------------------------------------------------- benchmark
-class OfficialNetwork(torch.nn.Module):
-    """The released MIRO network (pip install miro-t2i einops) behind TextRIN's call, for timing only.
-
-    Same width, depth, latents and conditioning tokens as the preset: the latents attend to
-    the conditioning in every block (use_cond_rin_block) instead of carrying it as extra
-    latents, exactly as TextRIN does. A trainable embedding stands in for its frozen T5.
-    """
-
-    def __init__(self, model_args):
-        super().__init__()
-        from miro.models.networks.rin import CADRINTextCond
-        a, self.R = model_args, model_args["num_rewards"]
-        self.embed = torch.nn.Embedding(net.VOCAB_SIZE, a["text_dim"])
-        self.net = CADRINTextCond(
-            data_size=a["image_size"], data_dim=a["data_dim"], num_input_channels=3, num_latents=a["num_latents"],
-            latents_dim=a["latent_dim"], label_dim=a["text_dim"], num_processing_layers=a["num_layers"],
-            num_blocks=a["num_blocks"], patch_size=a["patch_size"], num_cond_tokens=0, read_write_heads=a["heads"],
-            compute_heads=a["heads"], use_cond_rin_block=True, concat_cond_token_to_latents=False,
-            use_self_conditioning=True, num_text_registers=16, coherence_keys=[f"r{i}" for i in range(self.R)])
-
-    def forward(self, x_t, t, levels, ids, prev_latents=None):
-        batch = {"y": x_t, "gamma": 1 - t, "text_tokens_embeddings": self.embed(ids), "text_tokens_mask": ids != 0,
-                 **{f"r{i}_coherence": levels[:, i] for i in range(self.R)}}
-        batch["previous_latents"] = prev_latents
-        return self.net(batch)
-
-
 def time_train_steps(model, model_args, args, device, peak):
     """images/s and MFU of the training step of `model` on random data (same step as train())."""
     model = model.to(device)
@@ -359,14 +339,10 @@ def time_train_steps(model, model_args, args, device, peak):
     def one_step():
         with autocast:
             loss = flow_matching_loss(compiled, x, eps, t, levels, ids, self_cond).mean()
-        (scaler.scale(loss) if scaler else loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer) if scaler else optimizer.step()
-        if scaler:
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        backward(loss, model, optimizer, scaler, args.grad_clip)
+        update(optimizer, scaler)
 
-    for _ in range(args.bench_warmup):  # compilation and allocator warm-up
+    for _ in range(3):  # untimed: compilation and allocator warm-up
         one_step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -393,7 +369,7 @@ def benchmark(args):
         model_args = dict(net.PRESETS[preset], num_rewards=7)  # the paper's 7 rewards
         networks = [("TextRIN", lambda: net.TextRIN(**model_args))]
         if args.official:
-            networks.append(("official", lambda: OfficialNetwork(model_args)))
+            networks.append(("official", lambda: net.OfficialNetwork(model_args)))
         throughput = []
         for label, make in networks:
             torch.manual_seed(0)
@@ -440,7 +416,6 @@ def main():
     parser.add_argument("--benchmark", action="store_true", help="time train steps on random data, print img/s and MFU")
     parser.add_argument("--bench-presets", default="tiny", help="presets to benchmark, comma-separated")
     parser.add_argument("--bench-steps", type=int, default=10, help="timed steps per benchmark")
-    parser.add_argument("--bench-warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--official", action="store_true", help="also time the released MIRO network (miro-t2i)")
     args = parser.parse_args()
     bad_presets = [p for p in [args.preset] + args.bench_presets.split(",") if p not in net.PRESETS]

@@ -124,3 +124,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data):
     assert "ckpt.pt" in line
     ckpt = ckpt_of(data, "blowup")
     assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_benchmark_flag_prints_a_table():
+    out = run("05_train.py", "--benchmark", "--bench-steps", 1, "--batch-size", 2).stdout
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["tiny", "TextRIN"])
+    assert float(row.split()[-2]) > 0  # img/s
+
+
+def test_official_network_runs_behind_the_same_call():
+    pytest.importorskip("miro.models.networks.rin")
+    model_args = dict(net.PRESETS["tiny"], num_rewards=3)
+    x_t, t, levels, ids = net.dummy_inputs(model_args, 2)
+    v, latents = net.OfficialNetwork(model_args)(x_t, t, levels, ids)
+    assert v.shape == x_t.shape and latents.shape[:2] == (2, model_args["num_latents"])
