@@ -9,7 +9,7 @@ Each block: the latents cross-attend to the conditioning tokens, read from the p
 (cross-attention). Every layer is pre-RMSNorm attention with QK-norm + a SwiGLU
 feed-forward, attention through F.scaled_dot_product_attention.
 
-The conditioning tokens are what MIRO adds (paper section 3):
+The conditioning tokens are what MIRO adds:
     [ time token | reward token 1 ... reward token R | text tokens ]
 A reward token = MLP(sinusoid(level)) + a learned embedding saying which reward it is,
 where level = bin / (B - 1) in [0, 1] (03_bin.py). With R = 0 the same class is the
@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 # Sizes. image_size/patch_size set the interface (patch tokens), num_latents x latent_dim
-# the latents, num_blocks x num_layers the depth. `paper` matches the released MIRO
-# network (4 blocks x 4 layers, 256 latents x 1024, 256 interface tokens of width 256).
+# the latents, num_blocks x num_layers the depth. `paper` has the released MIRO network's
+# depth and latents (4 blocks x 4 layers, 256 latents x 1024, as its README states); the
+# interface (256 tokens of width 256) is our choice for 256 px images.
 PRESETS = {
     "tiny": dict(image_size=32, patch_size=4, data_dim=64, latent_dim=128, num_latents=32, num_blocks=2,
                  num_layers=2, heads=4, text_dim=128, text_layers=2, text_len=64),
@@ -137,7 +138,7 @@ class RINBlock(nn.Module):
 
 
 def sinusoid(values, dim):
-    """(B,) values in [0, 1] -> (B, dim) sin/cos features over periods from 1e-3 to 10."""
+    """(B,) values in [0, 1] -> (B, dim) sin/cos features, angular frequencies 1000 down to 0.1."""
     freqs = torch.exp(-math.log(1e4) * torch.arange(dim // 2, device=values.device) / (dim // 2))
     angles = 1000 * values.float()[:, None] * freqs  # x1000: t and levels live in [0, 1]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
@@ -296,6 +297,23 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
+def self_check(model, model_args):
+    """A forward/backward pass reaches every parameter; each reward level changes the output."""
+    x_t, t, levels, ids = dummy_inputs(model_args, 2)
+    v, latents = model(x_t, t, levels, ids)
+    v2, _ = model(x_t, t, levels, ids, prev_latents=latents.detach())
+    (v.square().mean() + v2.square().mean()).backward()
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None]
+    assert v.shape == x_t.shape and not no_grad, f"no gradient reaches {no_grad}"
+    with torch.no_grad():
+        for r in range(model_args["num_rewards"]):
+            low, high = levels.clone(), levels.clone()
+            low[:, r], high[:, r] = 0.0, 1.0
+            assert not torch.allclose(model(x_t, t, low, ids)[0], model(x_t, t, high, ids)[0]), f"reward {r} is ignored"
+    return f"fwd/bwd ok, {model_args['num_rewards']} reward levels each change v"
+
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), action="append", help="preset(s) to report (default all)")
@@ -319,22 +337,6 @@ def main():
         tokens = f"{num_tokens}+{model_args['num_latents']}+{1 + args.rewards + model_args['text_len']}"
         print(f"{preset:>6} {params / 1e6:8.1f}M {text_params / 1e6:8.1f}M {model_args['image_size']:>4} {tokens:>13} "
               f"{(text_flops + denoise_flops) / 1e9:14.2f} {sample_flops / 1e9:18.1f}  {checks}")
-
-
-def self_check(model, model_args):
-    """A forward/backward pass reaches every parameter; each reward level changes the output."""
-    x_t, t, levels, ids = dummy_inputs(model_args, 2)
-    v, latents = model(x_t, t, levels, ids)
-    v2, _ = model(x_t, t, levels, ids, prev_latents=latents.detach())
-    (v.square().mean() + v2.square().mean()).backward()
-    no_grad = [name for name, p in model.named_parameters() if p.grad is None]
-    assert v.shape == x_t.shape and not no_grad, f"no gradient reaches {no_grad}"
-    with torch.no_grad():
-        for r in range(model_args["num_rewards"]):
-            low, high = levels.clone(), levels.clone()
-            low[:, r], high[:, r] = 0.0, 1.0
-            assert not torch.allclose(model(x_t, t, low, ids)[0], model(x_t, t, high, ids)[0]), f"reward {r} is ignored"
-    return f"fwd/bwd ok, {model_args['num_rewards']} reward levels each change v"
 
 
 if __name__ == "__main__":

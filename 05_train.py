@@ -16,7 +16,7 @@ shows each image with its alt text or its long caption, half and half, as in the
     python 05_train.py --run miro --resume --steps 4000     # continue a run from its checkpoint
     torchrun --nproc_per_node 8 05_train.py --preset small --compile --run-name small
                         # (torchrun reads "--run" as its own --run-path: say --run-name)
-    python 05_train.py --benchmark                          # images/s and MFU per preset
+    python 05_train.py --benchmark --official               # train-step images/s and MFU, vs the released net
 
 Reads OUT/images.npy, OUT/captions.pt, OUT/bins.pt; writes OUT/runs/RUN/ckpt.pt (every
 --ckpt-every steps and at the end, atomically) and OUT/runs/RUN/log.jsonl (one JSON line
@@ -111,7 +111,8 @@ def batch_indices(step, batch, n, seed):
 def get_batch(step, args, data, rank, world_size, device):
     """This rank's share of global batch `step`: images in [-1, 1], token ids, levels, and its RNG."""
     images, ids, levels = data
-    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+    seed = args.seed * 1_000_003 + step * 1009 + rank
+    generator = torch.Generator().manual_seed(seed)
     idx = batch_indices(step, args.batch_size, len(images), args.seed).view(world_size, -1)[rank]
     idx = idx.sort().values  # sorted reads are faster on a memory map
     x = torch.from_numpy(images[idx.numpy()]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
@@ -119,8 +120,7 @@ def get_batch(step, args, data, rank, world_size, device):
     batch_ids = ids[kind, idx]                                          # (B, L)
     drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
     batch_ids[drop] = net.tokenize([""], batch_ids.shape[1])
-    device_generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-    return x, batch_ids.to(device), levels[idx].to(device), device_generator
+    return x, batch_ids.to(device), levels[idx].to(device), torch.Generator(device).manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -283,8 +283,9 @@ def train(args):
             group["lr"] = lr_at(step, args)
         with autocast:
             per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond)
-        grad_norm = backward(per_image.mean(), raw_model, optimizer, scaler, args.grad_clip)
-        loss_value = per_image.mean().item()
+        loss = per_image.mean()
+        grad_norm = backward(loss, raw_model, optimizer, scaler, args.grad_clip)
+        loss_value = loss.item()
         if not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_norm)):
             kept = f"{ckpt_path} keeps step {last_good}, the last good checkpoint" if last_good else "no checkpoint was written"
             sys.exit(f"{STAGE}: error: non-finite loss ({loss_value}, grad norm {grad_norm}) at step {step + 1}: "
