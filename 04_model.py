@@ -19,6 +19,12 @@ Latent self-conditioning: the latents of a previous pass (detached) are added to
 initial latents, so the network refines its own guess across sampling steps. 05_train.py
 feeds them 90% of the time, from a first pass without gradients.
 
+Output skip (EDM-style preconditioning, Karras et al. 2022): the network's raw output F is
+mixed with its input, v = c_skip(t) x_t + c_out(t) F, where c_skip x_t is the best linear
+guess of v = eps - x from x_t alone (images of RMS sigma_data) and c_out the RMS of what
+it leaves. With F = 0 the network already predicts the blurred mean at t = 1 instead of
+copying noise into its guess of x; F learns the rest, a unit-variance target at every t.
+
 Text: by default a small trainable transformer over open_clip's CLIP BPE tokenizer
 (offline, no download). The denoiser only sees `encode_text`'s output, (B, L, latent_dim)
 tokens and a (B, L) mask, so a frozen pretrained encoder can replace it.
@@ -47,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # depth and latents (4 blocks x 4 layers, 256 latents x 1024, as its README states); the
 # interface (256 tokens of width 256) is our choice for 256 px images.
 PRESETS = {
-    "tiny": dict(image_size=32, patch_size=4, data_dim=64, latent_dim=128, num_latents=32, num_blocks=2,
+    "tiny": dict(image_size=32, patch_size=4, data_dim=192, latent_dim=128, num_latents=32, num_blocks=2,
                  num_layers=2, heads=4, text_dim=128, text_layers=2, text_len=64),
     "small": dict(image_size=64, patch_size=4, data_dim=256, latent_dim=512, num_latents=128, num_blocks=4,
                   num_layers=2, heads=8, text_dim=512, text_layers=4, text_len=64),
@@ -78,6 +84,9 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, inner, bias=False)
         self.kv = nn.Linear(ctx_dim, 2 * inner, bias=False)
         self.q_norm, self.k_norm = RMSNorm(inner // heads), RMSNorm(inner // heads)
+        # After QK-norm a logit is at most sqrt(d) (4 for d = 16): too flat to pick out one patch or
+        # latent. The q gain starts so that it is at most 8; it stays learned.
+        nn.init.constant_(self.q_norm.weight, 8 / math.sqrt(inner // heads))
         self.out = nn.Linear(inner, dim)
 
     def forward(self, x, c, mask=None):
@@ -144,6 +153,29 @@ def sinusoid(values, dim):
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def skip_scales(t, sigma_data):
+    """c_skip, c_out (B, 1, 1, 1) for v = eps - x from x_t = (1 - t) x + t eps, with E[x^2] = s^2:
+    c_skip = Cov(v, x_t) / Var(x_t) = (t - (1 - t) s^2) / ((1 - t)^2 s^2 + t^2), and c_out^2 =
+    Var(v) - c_skip Cov(v, x_t), what is left: s^2 at t = 1 (the image), 1 at t = 0 (the noise)."""
+    t, s2 = t.float().view(-1, 1, 1, 1), sigma_data ** 2
+    var_x_t, cov = (1 - t) ** 2 * s2 + t ** 2, t - (1 - t) * s2
+    c_skip = cov / var_x_t
+    return c_skip, (1 + s2 - c_skip * cov).clamp_min(1e-8).sqrt()
+
+
+def positions(n, dim):
+    """(n, dim) fixed sin/cos codes of positions 0..n-1 (Vaswani et al.), values in [-1, 1]."""
+    freqs = torch.exp(-math.log(1e4) * torch.arange(dim // 2) / (dim // 2))
+    angles = torch.arange(n).float()[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def grid_positions(side, dim):
+    """(side * side, dim) codes of a side x side grid: half the channels code the row, half the column."""
+    rows, cols = positions(side, dim // 2), positions(side, dim - dim // 2)
+    return torch.cat([rows[:, None].expand(-1, side, -1), cols[None].expand(side, -1, -1)], -1).reshape(side * side, dim)
+
+
 def embedder(dim, freq_dim=256):
     """sinusoid features -> token: Linear, SiLU, Linear."""
     return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -166,7 +198,7 @@ class TextEncoder(nn.Module):
     def __init__(self, dim, layers, heads, length):
         super().__init__()
         self.embed = nn.Embedding(VOCAB_SIZE, dim)
-        self.pos = nn.Parameter(torch.randn(length, dim) * 0.02)
+        self.pos = nn.Parameter(positions(length, dim))  # learned, from sin/cos codes as strong as the words
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.norm = RMSNorm(dim)
 
@@ -183,13 +215,16 @@ class TextRIN(nn.Module):
     """v = net(x_t, t, reward levels, caption): the velocity of paper eq. 2, and the latents."""
 
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
-                 heads, text_dim, text_layers, text_len, num_rewards):
+                 heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5):
         super().__init__()
-        self.patch_size, self.num_rewards, self.text_len = patch_size, num_rewards, text_len
+        self.sigma_data = sigma_data
+        self.image_size, self.patch_size, self.num_rewards, self.text_len = image_size, patch_size, num_rewards, text_len
         num_patches, patch_values = (image_size // patch_size) ** 2, 3 * patch_size ** 2
         # interface: patches in and out
         self.patch_in = nn.Linear(patch_values, data_dim)
-        self.patch_pos = nn.Parameter(torch.randn(num_patches, data_dim) * 0.02)
+        # learned positions, started from 2-D sin/cos codes as strong as the normalised patches: with a
+        # small random start the network cannot tell where a patch is for its first ~1,000 steps
+        self.patch_pos = nn.Parameter(grid_positions(image_size // patch_size, data_dim))
         self.patch_norm = RMSNorm(data_dim)
         self.out_norm, self.patch_out = RMSNorm(data_dim), nn.Linear(data_dim, patch_values)
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
@@ -199,7 +234,7 @@ class TextRIN(nn.Module):
         self.time_embed = embedder(latent_dim)
         if num_rewards:
             self.reward_embed = embedder(latent_dim)
-            self.reward_id = nn.Parameter(torch.randn(num_rewards, latent_dim) * 0.02)
+            self.reward_id = nn.Parameter(torch.randn(num_rewards, latent_dim) * 0.5)  # which reward a token is
         self.text = TextEncoder(text_dim, text_layers, heads, text_len)
         self.text_proj = nn.Linear(text_dim, latent_dim)
         self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads) for _ in range(num_blocks))
@@ -239,9 +274,11 @@ class TextRIN(nn.Module):
         cond, cond_mask = self.condition(t, levels, text_tokens, text_mask)
         for block in self.blocks:
             patches, latents = block(patches, latents, cond, cond_mask)
-        v = self.patch_out(self.out_norm(patches))                              # (B, P, 3 p p)
-        v = v.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
-        return v, latents
+        out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)
+        out = out.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
+        c_skip, c_out = skip_scales(t, self.sigma_data)
+        return c_skip * x_t + c_out * out, latents
+
 
     def forward(self, x_t, t, levels, text_ids, prev_latents=None):
         return self.denoise(x_t, t, levels, *self.encode_text(text_ids), prev_latents)
