@@ -150,13 +150,14 @@ def holds(a, word, b, size):
 
 
 def check_facts(objects, groups, relation, size):
-    """List of booleans: each stated count, the relation, and that nothing unstated is there."""
+    """List of booleans: each stated count, the relation, and that nothing unstated is there
+    (which an empty image does not earn: it must show something)."""
     facts = [sum((o["colour"], o["kind"]) == key for o in objects) == count for key, count in groups.items()]
     if relation is not None:
         (ca, ka), word, (cb, kb) = relation
         facts.append(any(holds(a, word, b, size) for a in objects for b in objects
                          if (a["colour"], a["kind"]) == (ca, ka) and (b["colour"], b["kind"]) == (cb, kb)))
-    facts.append(all((o["colour"], o["kind"]) in groups for o in objects))
+    facts.append(bool(objects) and all((o["colour"], o["kind"]) in groups for o in objects))
     return facts
 
 
