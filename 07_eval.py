@@ -1,0 +1,507 @@
+"""Stage 07: evaluate runs: reward means, GenEval-style scores, and a run-vs-run report.
+
+GenEval-style evaluation on the shapes world. GenEval (Ghosh et al. 2023) asks for
+short object-level prompts in six tasks and judges each image right or wrong with an
+object detector; a task's score is the mean over its images and the overall score the
+mean of the six tasks. Here the judge is the detector of 02_score.py and the prompts
+are written in the caption language of 01_caption.py, so a model trained on those
+captions can read them:
+
+    single_object  a circle.                           the object is there
+    two_object     a circle and a triangle.            both are there
+    counting       three squares.                      exactly three (2 to 4 are asked)
+    colors         a blue circle.                      the object has the colour
+    position       a red circle and a blue square. the red circle is left of the blue square.
+    color_attr     a red circle and a blue square.     each object has its own colour
+
+Each prompt is stored in GenEval's metadata schema: {"tag": task, "prompt": text,
+"include": [{"class", "count", "color"?, "position"?: [word, index of an earlier
+include]}], "exclude": [{"class", "count"}]}. One departure from GenEval: position
+also checks the two colours, because the shapes world names an object in a relation by
+colour and kind (see geneval_prompts). Every prompt fits the 2x2 layout (at most
+four objects, one per cell), and scene_for builds a scene that satisfies it: its clean
+render is judged right, which is what the tests check.
+
+The report compares runs (rows) on every reward and every task, each number the mean
+± std over sampling seeds at the top reward target s+ = 1, s- = 0 with guidance w (text
+guidance for a run without rewards), and draws the paper's figures on the shapes world:
+the radar of Fig. 4, reward against training step from the evaluations 05_train.py logs
+(Fig. 5) with the convergence speed-up per metric (the baseline's steps to its final
+value over the steps MIRO takes to first reach it), best of N = 1, 2, 4, 8 (Fig. 8), a
+sweep of one reward's positive target and of w (Fig. 12), and the per-reward isolation
+grid (Fig. 9).
+
+    python 07_eval.py                       # every run in OUT/runs: MIRO first, then the baseline
+    python 07_eval.py --runs miro,baseline,colourfulness --cfg 2
+    python 07_eval.py --geneval-prompts     # the prompt set: counts and two examples per task
+
+Reads OUT/runs/NAME/ckpt.pt and log.jsonl; writes OUT/eval/report.md (the tables, the
+figures embedded), OUT/eval/results.json (every number, per seed) and OUT/eval/*.png.
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+world = importlib.import_module("01_caption")  # colours, kinds, the 2x2 layout, captions
+rewards = importlib.import_module("02_score")  # the detector, the relation test, the rewards
+sampler = importlib.import_module("06_sample")  # guided sampling (paper eq. 3)
+
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval's order
+PER_TASK = 64          # prompts per task (GenEval has 80 to 100)
+COUNTS = (2, 3, 4)     # counting asks for 2 to 4, like GenEval; 4 fills the layout
+WORDS = ("left of", "right of", "above", "below")
+DETECT_BATCH = 512     # images per detector call
+# GenEval's detector only counts confident detections. Here an object must cover at least
+# half the area of the smallest object the world draws (a triangle of 0.6 of a cell is
+# ~46 px at 32 px): a stray patch of colour in a failed sample is not an object.
+MIN_AREA_FRAC = 24 / 1024
+
+
+# ----------------------------------------------------------------------------- GenEval prompts
+def phrase(item):
+    """An include item in caption words: 'a circle', 'an orange square', 'three triangles'."""
+    words = ([item["color"]] if "color" in item else []) + [world.plural(item["class"], item["count"])]
+    if item["count"] > 1:
+        return " ".join([world.NUMBERS[item["count"]]] + words)
+    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+
+
+def prompt_of(task, include):
+    """The text of a prompt: the objects, then (position) the relation sentence.
+
+    GenEval's position item points at the include it is placed against, which comes first;
+    the text names the placed object first, as the shapes world's relation sentences do."""
+    if task != "position":
+        return world.join([phrase(item) for item in include]) + "."
+    reference, placed = include
+    relation = {"a": [placed["color"], placed["class"]], "word": placed["position"][0],
+                "b": [reference["color"], reference["class"]]}
+    return f"{phrase(placed)} and {phrase(reference)}. " + world.relation_sentence(relation)
+
+
+def balanced(rng, options, n):
+    """n options: whole shuffled passes over the list, so each occurs n/len(options) times (+-1)."""
+    order = np.concatenate([rng.permutation(len(options)) for _ in range(-(-n // len(options)))])
+    return [options[i] for i in order[:n]]
+
+
+def geneval_prompts(per_task=PER_TASK, seed=0):
+    """The fixed GenEval prompt set: per_task metadata dicts per task, in TASKS order.
+
+    position judges colour and kind, unlike GenEval's class-only position: the shapes world
+    names an object in a relation by colour and kind (that is all its captions ever do),
+    so the include items carry the colours and the relation is judged between the objects
+    the prompt names. A position image is therefore right only if its colours are right too."""
+    rng = np.random.default_rng(seed)
+    kinds, colours = world.KINDS, list(world.COLOURS)
+    pairs = lambda xs: [(a, b) for a in xs for b in xs if a != b]  # ordered, distinct
+    options = {
+        "single_object": [[{"class": k, "count": 1}] for k in kinds],
+        "two_object": [[{"class": a, "count": 1}, {"class": b, "count": 1}] for a, b in pairs(kinds)],
+        "counting": [[{"class": k, "count": n}] for k in kinds for n in COUNTS],
+        "colors": [[{"class": k, "count": 1, "color": c}] for k in kinds for c in colours],
+        "position": [[{"class": b, "count": 1, "color": cb}, {"class": a, "count": 1, "color": ca, "position": [w, 0]}]
+                     for a, b in pairs(kinds) for ca, cb in pairs(colours) for w in WORDS],
+        "color_attr": [[{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}]
+                       for a, b in pairs(kinds) for ca, cb in pairs(colours)],
+    }
+    metas = []
+    for task in TASKS:
+        for include in balanced(rng, options[task], per_task):
+            exclude = [{"class": include[0]["class"], "count": include[0]["count"] + 1}] if task == "counting" else []
+            metas.append({"tag": task, "prompt": prompt_of(task, include), "include": include, "exclude": exclude})
+    return metas
+
+
+# ----------------------------------------------------------------------------- a scene that is right
+def place(kind, colour, cell, size, rng):
+    """One object in a cell of the 2x2 layout, sized and jittered as world.sample_scene does."""
+    row, col = cell
+    cell_px = size / 2
+    diameter = float(rng.uniform(0.6, 0.8) * cell_px)
+    slack = (cell_px - diameter) / 2 - size / 32  # keep a pixel of margin inside the cell
+    cx = (col + 0.5) * cell_px + float(rng.uniform(-slack, slack))
+    cy = (row + 0.5) * cell_px + float(rng.uniform(-slack, slack))
+    return {"kind": kind, "colour": colour, "row": row, "col": col, "cx": cx, "cy": cy, "diameter": diameter}
+
+
+def scene_for(meta, size, rng, tries=100):
+    """A scene that satisfies a prompt: its include objects in distinct random cells (colours
+    not asked for drawn at random), re-drawn until every position holds. Nothing excluded."""
+    groups = [[item.get("color") or str(rng.choice(list(world.COLOURS))) for _ in range(item["count"])]
+              for item in meta["include"]]  # per include item, the colour of each of its objects
+    n_objects = sum(map(len, groups))
+    if n_objects > len(world.CELLS):
+        sys.exit(f"07_eval: error: prompt {meta['prompt']!r} needs {n_objects} objects; the layout holds {len(world.CELLS)}")
+    for _ in range(tries):
+        cells = iter(rng.permutation(len(world.CELLS)))
+        placed = [[place(item["class"], colour, world.CELLS[next(cells)], size, rng) for colour in colours]
+                  for item, colours in zip(meta["include"], groups)]
+        if all(rewards.holds(o, item["position"][0], t, size) for item, group in zip(meta["include"], placed)
+               if "position" in item for o in group for t in placed[item["position"][1]]):
+            break
+    else:
+        sys.exit(f"07_eval: error: no placement on the 2x2 layout satisfies {meta['prompt']!r}")
+    relation = None
+    for item, group in zip(meta["include"], placed):
+        if "position" in item:
+            target = placed[item["position"][1]][0]
+            relation = {"a": [group[0]["colour"], group[0]["kind"]], "word": item["position"][0],
+                        "b": [target["colour"], target["kind"]]}
+    return {"objects": [o for group in placed for o in group], "relation": relation}
+
+
+# ----------------------------------------------------------------------------- the judge
+def judge(objects, meta, size):
+    """GenEval's rule for one image, on the detector's objects {"colour", "kind", "cx", "cy"}.
+
+    Each include item, in order, keeps the first `count` detected objects of its class
+    and fails if there are fewer; with a colour, all of them must have it (GenEval keeps the
+    most confident detections; the detector has no confidence, so the objects of the asked
+    colour come first); with a position [word, j], each of them must stand in that relation
+    to each object kept by include j, and fails if include j failed. Each exclude item fails
+    the image if the class is detected `count` times or more (counting: exactly n)."""
+    kept = []  # per include item: the objects it kept, or None where it failed
+    for item in meta["include"]:
+        same_class = [o for o in objects if o["kind"] == item["class"]]
+        if "color" in item:
+            same_class.sort(key=lambda o: o["colour"] != item["color"])  # stable: asked colour first
+        found = same_class[:item["count"]]
+        ok = len(found) == item["count"]
+        if ok and "color" in item:
+            ok = all(o["colour"] == item["color"] for o in found)
+        if ok and "position" in item:
+            word, j = item["position"]
+            ok = kept[j] is not None and all(rewards.holds(o, word, t, size) for o in found for t in kept[j])
+        kept.append(found if ok else None)
+    excluded = any(sum(o["kind"] == item["class"] for o in objects) >= item["count"] for item in meta.get("exclude", []))
+    return all(k is not None for k in kept) and not excluded
+
+
+def correctness(images, metas):
+    """Right or wrong per image: images uint8 [N, H, W, 3], one metadata dict each -> [N] bools."""
+    if len(images) != len(metas):
+        sys.exit(f"07_eval: error: {len(images)} images for {len(metas)} GenEval prompts")
+    size = images.shape[1]
+    right = []
+    for start in range(0, len(images), DETECT_BATCH):
+        found = rewards.detect(np.asarray(images[start:start + DETECT_BATCH]), min_area_frac=MIN_AREA_FRAC)
+        right += [judge(objects, meta, size) for objects, meta in zip(found, metas[start:start + DETECT_BATCH])]
+    return right
+
+
+def geneval(images, metas):
+    """GenEval scores: per task the fraction of its images judged right, and "overall", the
+    mean of the task scores (tasks with no image are left out)."""
+    right = correctness(images, metas)
+    scores = {}
+    for task in TASKS:
+        marks = [r for r, meta in zip(right, metas) if meta["tag"] == task]
+        if marks:
+            scores[task] = float(np.mean(marks))
+    scores["overall"] = float(np.mean(list(scores.values()))) if scores else float("nan")
+    return scores
+
+
+# ----------------------------------------------------------------------------- evaluating a model
+def top_targets(R, n):
+    """s+ = 1 and s- = 0 for every reward, n rows."""
+    return [[1.0] * R] * n, [[0.0] * R] * n
+
+
+def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_captions=64, neg_text="keep",
+             device="cpu", progress=False):
+    """One model, one sampling seed, at the top reward target with guidance w = cfg: the mean of
+    every reward on fresh captions, and the GenEval-style scores. {metric: float}."""
+    captions = sampler.fresh_captions(n_captions)
+    metas = geneval_prompts(per_task)
+    prompts = captions + [m["prompt"] for m in metas]
+    images = sampler.generate(model, prompts, *top_targets(len(names), len(prompts)), cfg, seed, steps,
+                              neg_text=neg_text, device=device, progress=progress)
+    result = {name: float(fn(images[:n_captions], captions).nanmean()) for name, fn in rewards.REWARDS.items()}
+    result.update(geneval(images[n_captions:], metas))
+    return result
+
+
+def best_of_curve(model, names, select, n_prompts, max_k, cfg, steps, seed, neg_text, device):
+    """Test-time scaling (paper Fig. 8): 2^max_k candidates per prompt; for N = 1, 2, 4, ... the
+    mean over prompts of the best `select` score among the first N candidates."""
+    captions = sampler.fresh_captions(n_prompts)
+    K = 2 ** max_k
+    prompts = [p for p in captions for _ in range(K)]
+    images = sampler.generate(model, prompts, *top_targets(len(names), len(prompts)), cfg, seed, steps,
+                              neg_text=neg_text, device=device)
+    scores = rewards.REWARDS[select](images, prompts).view(n_prompts, K).nan_to_num(0.0)
+    return {2 ** k: float(scores[:, :2 ** k].max(1).values.mean()) for k in range(max_k + 1)}
+
+
+def target_sweep(model, names, reward, levels, n_prompts, cfg, steps, seed, neg_text, device):
+    """Raise one reward's positive target, the others at 1 (paper Fig. 12): that reward's mean per level."""
+    captions = sampler.fresh_captions(n_prompts)
+    j, out = names.index(reward), {}
+    for level in levels:
+        s_plus = [[1.0] * len(names)] * n_prompts
+        s_plus = [row[:j] + [float(level)] + row[j + 1:] for row in s_plus]
+        images = sampler.generate(model, captions, s_plus, [[0.0] * len(names)] * n_prompts, cfg, seed, steps,
+                                  neg_text=neg_text, device=device)
+        out[float(level)] = float(rewards.REWARDS[reward](images, captions).nanmean())
+    return out
+
+
+def cfg_sweep(model, names, reward, weights, n_prompts, steps, seed, neg_text, device):
+    """Raise the guidance weight w at the top target: a reward's mean per w."""
+    captions = sampler.fresh_captions(n_prompts)
+    out = {}
+    for w in weights:
+        images = sampler.generate(model, captions, *top_targets(len(names), n_prompts), w, seed, steps,
+                                  neg_text=neg_text, device=device)
+        out[float(w)] = float(rewards.REWARDS[reward](images, captions).nanmean())
+    return out
+
+
+def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, path):
+    """Paper Fig. 9: a row per reward j, guided along j alone (s- = s+ = 1 except s-_j = 0), the
+    same noise in every row; the first row guides along all rewards at once."""
+    captions = sampler.fresh_captions(n_prompts)
+    rows = [("all rewards", [0.0] * len(names))] + [(f"only {n}", [0.0 if i == j else 1.0 for i in range(len(names))])
+                                                     for j, n in enumerate(names)]
+    images, labels = [], []
+    for label, s_minus in rows:
+        images.append(sampler.generate(model, captions, [[1.0] * len(names)] * n_prompts, [s_minus] * n_prompts, cfg,
+                                       seed, steps, neg_text=neg_text, device=device))
+        labels += [label] + [""] * (n_prompts - 1)
+    sampler.save_grid(torch.cat(images), labels, path, columns=n_prompts)
+
+
+# ----------------------------------------------------------------------------- the report
+def read_log(out, run):
+    """log.jsonl of a run: (training records, evaluation records)."""
+    path = os.path.join(out, "runs", run, "log.jsonl")
+    if not os.path.exists(path):
+        sys.exit(f"07_eval: error: run {run} has no log at {path}: train it with 05_train.py")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if "loss" in r], [r for r in records if "eval" in r]
+
+
+def speedup(miro_evals, base_evals, metric):
+    """Steps the baseline took to its final value of a metric, over the steps MIRO took to first
+    reach it (paper Fig. 5); None if MIRO never reaches it."""
+    target, base_steps = base_evals[-1]["eval"][metric], base_evals[-1]["step"]
+    reached = [r["step"] for r in miro_evals if r["eval"][metric] >= target]
+    return {"baseline_final": target, "baseline_steps": base_steps, "miro_steps": reached[0] if reached else None,
+            "speedup": base_steps / reached[0] if reached else None}
+
+
+def markdown_table(summary, metrics):
+    """Rows = runs, columns = metrics, 'mean ± std over seeds'."""
+    lines = ["| run | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for run, s in summary.items():
+        lines.append(f"| {run} | " + " | ".join(f"{s['mean'][m]:.3f} ± {s['std'][m]:.3f}" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def plot_radar(summary, metrics, path):
+    """Paper Fig. 4: one axis per metric, scaled so the worst run sits at 0.2 and the best at 1."""
+    angles = np.linspace(0, 2 * np.pi, len(metrics), endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"polar": True})
+    values = np.array([[s["mean"][m] for m in metrics] for s in summary.values()])  # (runs, metrics)
+    low, high = values.min(0), values.max(0)
+    scaled = 0.2 + 0.8 * (values - low) / np.where(high > low, high - low, 1)
+    for run, row in zip(summary, scaled):
+        ax.plot(angles + angles[:1], list(row) + [row[0]], label=run)
+        ax.fill(angles + angles[:1], list(row) + [row[0]], alpha=0.1)
+    ax.set_xticks(angles, metrics, fontsize=8)
+    ax.set_yticks([])
+    ax.legend(loc="lower right", bbox_to_anchor=(1.2, -0.1), fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_curves(evals, metrics, path):
+    """Paper Fig. 5: each metric against training step, one line per run."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 2.8))
+    for ax, metric in zip(np.atleast_1d(axes), metrics):
+        for run, records in evals.items():
+            ax.plot([r["step"] for r in records], [r["eval"][metric] for r in records], marker=".", label=run)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_xy(series, xlabel, ylabel, path, logx=False):
+    """One line per entry of series {label: {x: y}}."""
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for label, points in series.items():
+        ax.plot(list(points), list(points.values()), marker="o", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def monotone(values):
+    return all(b > a for a, b in zip(values, values[1:]))
+
+
+def report(args):
+    """Evaluate every run, draw the figures, write report.md and results.json."""
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    runs = find_runs(args.out, args.runs)
+    eval_dir = os.path.join(args.out, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    logs = {run: read_log(args.out, run) for run in runs}
+    models = {run: sampler.load_run(args.out, run, device=device) for run in runs}
+    all_rewards = list(rewards.REWARDS)
+    metrics = all_rewards + list(TASKS) + ["overall"]
+    summary, results = {}, {"config": vars(args), "runs": {}}
+    for run, (model, ckpt) in models.items():
+        per_seed = [evaluate(model, ckpt["reward_names"], seed, args.cfg, args.steps, args.per_task, args.captions,
+                             args.neg_text, device, progress=True) for seed in range(args.seeds)]
+        summary[run] = {"mean": {m: float(np.mean([r[m] for r in per_seed])) for m in metrics},
+                        "std": {m: float(np.std([r[m] for r in per_seed])) for m in metrics}}
+        results["runs"][run] = {"step": ckpt["step"], "rewards": ckpt["reward_names"], "seeds": per_seed, **summary[run]}
+        print(f"{run} (step {ckpt['step']}): " + ", ".join(f"{m} {summary[run]['mean'][m]:.3f}"
+                                                          for m in all_rewards + ["overall"]))
+
+    md = [f"# MIRO on the shapes world\n", f"Runs evaluated at w = {args.cfg} ({args.neg_text} text in the negative "
+          f"branch; text guidance for runs without rewards), {args.steps} Euler steps, {args.seeds} sampling seeds "
+          f"(mean ± std); reward means on {args.captions} fresh captions, GenEval-style scores on "
+          f"{args.per_task} prompts per task.\n", markdown_table(summary, all_rewards + ["overall"]), "",
+          markdown_table(summary, list(TASKS)), ""]
+    plot_radar(summary, all_rewards + ["overall"], os.path.join(eval_dir, "radar.png"))
+    md += ["![radar](radar.png)", ""]
+
+    most = max(len(models[r][1]["reward_names"]) for r in runs)
+    miro = next((r for r in runs if most > 1 and len(models[r][1]["reward_names"]) == most), None)  # all rewards
+    base = next((r for r in runs if not models[r][1]["reward_names"]), None)
+    if miro and base:
+        beats = {m: summary[miro]["mean"][m] - summary[base]["mean"][m]
+                 > summary[miro]["std"][m] + summary[base]["std"][m] for m in all_rewards + ["overall"]}
+        results["miro_beats_baseline"] = beats
+        md += [f"{miro} beats {base} by more than the seed spread on: "
+               f"{', '.join(m for m, ok in beats.items() if ok) or 'nothing'}.", ""]
+        evals = {run: logs[run][1] for run in (miro, base)}
+        if all(evals.values()):
+            speed = {m: speedup(evals[miro], evals[base], m) for m in all_rewards + ["overall"]}
+            results["speedup"] = speed
+            plot_curves(evals, all_rewards + ["overall"], os.path.join(eval_dir, "curves.png"))
+            md += ["## Convergence (paper Fig. 5)\n", "| metric | baseline final | at step | MIRO reaches it at step "
+                   "| speedup |", "|---|---|---|---|---|"]
+            md += [f"| {m} | {s['baseline_final']:.3f} | {s['baseline_steps']} | {s['miro_steps'] or 'never'} | "
+                   + (f"{s['speedup']:.1f}x |" if s["speedup"] else "- |") for m, s in speed.items()]
+            md += ["", "![curves](curves.png)", ""]
+        curves = {run: best_of_curve(models[run][0], models[run][1]["reward_names"], args.select, args.best_prompts,
+                                     args.best_k, args.cfg, args.steps, 0, args.neg_text, device) for run in (miro, base)}
+        results["best_of"] = {"select": args.select, "curves": curves}
+        plot_xy(curves, "N (best of N)", f"best {args.select}", os.path.join(eval_dir, "best_of.png"), logx=True)
+        md += [f"## Best of N by {args.select} (paper Fig. 8)\n", "| run | " + " | ".join(f"N={n}" for n in curves[miro])
+               + " |", "|---" * (len(curves[miro]) + 1) + "|"]
+        md += [f"| {run} | " + " | ".join(f"{v:.3f}" for v in c.values()) + " |" for run, c in curves.items()]
+        md += ["", "![best of N](best_of.png)", ""]
+
+    if miro:
+        model, names = models[miro][0], models[miro][1]["reward_names"]
+        levels = np.linspace(0, 1, args.sweep_levels).tolist()
+        sweep = target_sweep(model, names, args.sweep, levels, args.sweep_prompts, args.cfg, args.steps, 0,
+                             args.neg_text, device)
+        weights = cfg_sweep(model, names, args.sweep, args.cfg_sweep, args.sweep_prompts, args.steps, 0,
+                            args.neg_text, device)
+        results["sweep"] = {"reward": args.sweep, "target": sweep, "cfg": weights,
+                            "target_monotone": monotone(list(sweep.values())),
+                            "cfg_monotone": monotone(list(weights.values()))}
+        plot_xy({f"{miro}: target of {args.sweep}": sweep}, f"s+ of {args.sweep}", args.sweep,
+                os.path.join(eval_dir, "sweep.png"))
+        plot_xy({f"{miro}: top target": weights}, "guidance weight w", args.sweep, os.path.join(eval_dir, "cfg.png"))
+        md += [f"## Dialling {args.sweep} (paper Fig. 12)\n", f"| s+ of {args.sweep} | "
+               + " | ".join(f"{k:.2f}" for k in sweep) + " |", "|---" * (len(sweep) + 1) + "|",
+               f"| {args.sweep} | " + " | ".join(f"{v:.3f}" for v in sweep.values()) + " |", "",
+               f"| w | " + " | ".join(f"{k:g}" for k in weights) + " |", "|---" * (len(weights) + 1) + "|",
+               f"| {args.sweep} | " + " | ".join(f"{v:.3f}" for v in weights.values()) + " |", "",
+               "![sweep](sweep.png) ![cfg](cfg.png)", ""]
+        isolation_grid(model, names, args.grid_prompts, args.cfg, args.steps, 0, args.neg_text, device,
+                       os.path.join(eval_dir, "isolation.png"))
+        md += ["## Guiding one reward at a time (paper Fig. 9)\n", "![isolation](isolation.png)", ""]
+
+    write_text(os.path.join(eval_dir, "report.md"), "\n".join(md))
+    write_text(os.path.join(eval_dir, "results.json"), json.dumps(results, indent=1))
+    print(f"wrote {eval_dir}/report.md, results.json and the figures")
+
+
+def write_text(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def find_runs(out, spec):
+    """--runs a,b,c, or every run with a checkpoint (MIRO first, then the baseline, then the rest)."""
+    if spec:
+        runs = spec.split(",")
+    else:
+        found = sorted(d for d in os.listdir(os.path.join(out, "runs")) if
+                       os.path.exists(os.path.join(out, "runs", d, "ckpt.pt"))) if os.path.isdir(os.path.join(out, "runs")) else []
+        runs = sorted(found, key=lambda r: (r != "miro", r != "baseline", r))
+    if not runs:
+        sys.exit(f"07_eval: error: no trained run in {out}/runs: train one with 05_train.py")
+    return runs
+
+
+# ----------------------------------------------------------------------------- main
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--runs", help="comma-separated run names (default: every run with a checkpoint)")
+    parser.add_argument("--cfg", type=float, default=1.0, help="guidance weight w")
+    parser.add_argument("--neg-text", default="keep", choices=["keep", "drop"], help="see 06_sample.py")
+    parser.add_argument("--steps", type=int, default=12, help="Euler steps")
+    parser.add_argument("--seeds", type=int, default=3, help="sampling seeds (the spread of every number)")
+    parser.add_argument("--per-task", type=int, default=50, help="GenEval-style prompts per task")
+    parser.add_argument("--captions", type=int, default=64, help="fresh captions for the reward means")
+    parser.add_argument("--select", default="alignment", help="the reward that picks the best of N")
+    parser.add_argument("--best-k", type=int, default=3, help="best of N for N = 1, 2, ..., 2^k")
+    parser.add_argument("--best-prompts", type=int, default=12)
+    parser.add_argument("--sweep", default="colourfulness", help="the reward whose target and w are swept")
+    parser.add_argument("--sweep-levels", type=int, default=4)
+    parser.add_argument("--cfg-sweep", default="0,1,2,3", help="guidance weights of the w sweep")
+    parser.add_argument("--sweep-prompts", type=int, default=24)
+    parser.add_argument("--grid-prompts", type=int, default=6)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--geneval-prompts", action="store_true", help="print the GenEval prompt set and exit")
+    args = parser.parse_args()
+    if args.geneval_prompts:
+        metas = geneval_prompts(args.per_task)
+        for task in TASKS:
+            prompts = [m["prompt"] for m in metas if m["tag"] == task]
+            print(f"{task:>14} {len(prompts):4d} prompts ({len(set(prompts))} distinct), e.g. "
+                  + " | ".join(prompts[:2]))
+        return
+    for name in (args.select, args.sweep):
+        if name not in rewards.REWARDS:
+            sys.exit(f"07_eval: error: unknown reward {name!r}; known: {', '.join(rewards.REWARDS)}")
+    try:
+        args.cfg_sweep = [float(w) for w in args.cfg_sweep.split(",")]
+    except ValueError:
+        sys.exit(f"07_eval: error: --cfg-sweep {args.cfg_sweep!r}: write weights like 0,1,2,3")
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
