@@ -8,7 +8,8 @@ Each training image x comes with a caption c and its reward levels s = bins / (B
 
 `--rewards none` trains the unconditioned baseline and `--rewards NAME` a single-reward
 model with the same script: only the number of reward tokens changes. `--captions mix`
-shows each image with its alt text or its long caption, half and half, as in the paper.
+shows each image with its alt text, its long or its short caption, a third each: the paper
+mixes the original alt text with synthetic long and short captions.
 
     python 05_train.py                                      # MIRO on the shapes world (tiny, CPU)
     python 05_train.py --rewards none --run baseline        # the same model without rewards
@@ -90,7 +91,7 @@ def load_data(out, reward_spec, captions_mode, text_len):
         sys.exit(f"{STAGE}: error: unknown reward {', '.join(unknown)}; bins.pt has: {', '.join(bins['names'])}")
     columns = [list(bins["names"]).index(name) for name in names]
     levels = bins["bins"][:, columns].float() / (bins["num_bins"] - 1)  # (N, R) in [0, 1]
-    kinds = ["alt", "long"] if captions_mode == "mix" else [captions_mode]
+    kinds = ["alt", "long", "short"] if captions_mode == "mix" else [captions_mode]
     ids = torch.stack([net.tokenize(captions[kind], text_len) for kind in kinds])  # (kinds, N, L)
     return images, ids, levels, names, bins
 
@@ -116,7 +117,7 @@ def get_batch(step, args, data, rank, world_size, device):
     idx = batch_indices(step, args.batch_size, len(images), args.seed).view(world_size, -1)[rank]
     idx = idx.sort().values  # sorted reads are faster on a memory map
     x = torch.from_numpy(images[idx.numpy()]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
-    kind = torch.randint(len(ids), (len(idx),), generator=generator)  # alt or long, for --captions mix
+    kind = torch.randint(len(ids), (len(idx),), generator=generator)  # alt, long or short, for --captions mix
     batch_ids = ids[kind, idx]                                          # (B, L)
     drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
     batch_ids[drop] = net.tokenize([""], batch_ids.shape[1])
@@ -320,10 +321,28 @@ def train(args):
         if rank == 0 and (step % args.ckpt_every == 0 or step == end):
             save_checkpoint(ckpt_path, raw_model, ema, optimizer, step, model_args, names, bins, args)
             last_good = step
+        if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == end):
+            eval_started = time.perf_counter()
+            evaluate_during_training(ema, names, step, args, device, log_path)
+            started += time.perf_counter() - eval_started  # the evaluation's time is not training throughput
     if rank == 0:
         print(f"saved {ckpt_path} at step {step}")
     if ddp:
         dist.destroy_process_group()
+
+
+def evaluate_during_training(ema, names, step, args, device, log_path):
+    """Sample with the EMA weights at the top reward target (07_eval.py) and log reward means and
+    GenEval-style scores: the curves of reward against training step (paper Fig. 5)."""
+    evaluator = importlib.import_module("07_eval")
+    ema.eval()
+    result = evaluator.evaluate(ema, names, seed=0, cfg=args.eval_cfg, steps=args.eval_steps,
+                                per_task=args.eval_per_task, n_captions=args.eval_captions, device=device)
+    ema.train()
+    shown = " | ".join(f"{k} {v:.3f}" for k, v in result.items() if k in evaluator.rewards.REWARDS or k == "overall")
+    print(f"eval {step:6d} | {shown}", flush=True)
+    with open(log_path, "a") as f:
+        f.write(json.dumps({"step": step, "eval": result}) + "\n")
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -393,12 +412,12 @@ def main():
     parser.add_argument("--preset", default="tiny", help=f"network size: {', '.join(net.PRESETS)}")
     parser.add_argument("--rewards", default="all", help="all, none (the baseline) or comma-separated names")
     parser.add_argument("--captions", default="mix", choices=["alt", "long", "short", "mix"],
-                        help="caption shown with each image (mix: alt or long, half and half)")
-    parser.add_argument("--steps", type=int, default=3000, help="total training steps (sets the lr schedule)")
+                        help="caption shown with each image (mix: alt, long or short, a third each)")
+    parser.add_argument("--steps", type=int, default=600, help="total training steps (sets the lr schedule)")
     parser.add_argument("--stop-at", type=int, default=0, help="stop early at this step (resume later with --resume)")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size (split across processes)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (split across processes)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights kept for sampling")
@@ -412,6 +431,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of every step's draws")
     parser.add_argument("--log-every", type=int, default=25, help="steps between log lines")
     parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations logged to log.jsonl (0: none)")
+    parser.add_argument("--eval-cfg", type=float, default=1.0, help="guidance weight of those evaluations")
+    parser.add_argument("--eval-steps", type=int, default=12, help="Euler steps of those evaluations")
+    parser.add_argument("--eval-per-task", type=int, default=4, help="GenEval-style prompts per task in those evaluations")
+    parser.add_argument("--eval-captions", type=int, default=32, help="held-out captions scored in those evaluations")
     parser.add_argument("--resume", action="store_true", help="continue OUT/runs/RUN from its checkpoint")
     parser.add_argument("--peak-tflops", type=float, default=0, help="peak TFLOP/s for MFU (default: known GPU or measured CPU)")
     parser.add_argument("--benchmark", action="store_true", help="time train steps on random data, print img/s and MFU")

@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# The main job on the built-in shapes world: every stage in order, each writing into $OUT.
-# Times are for a 2-core laptop CPU (see README, "Benchmarks").
+# The main job on the built-in shapes world: all seven stages in order, each writing into $OUT.
+# MIRO (all rewards) and the unconditioned baseline get the same network, data and steps.
+# Times are for a 2-core laptop CPU (see README, "The main job").
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
+STEPS=${STEPS:-600}          # training steps per run (batch 32)
+EVAL=$((STEPS / 6))          # evaluations logged during training: the convergence curves
 
-python 01_caption.py --out "$OUT"   # 20,000 scenes with alt/long/short captions   ~20 s
-python 02_score.py   --out "$OUT"   # 4 offline rewards per image                  ~20 s
-python 03_bin.py     --out "$OUT"   # B = 5 equal-population bins per reward        ~3 s
+python 01_caption.py --out "$OUT"                                                  # 20,000 scenes, 3 captions each
+python 02_score.py   --out "$OUT"                                                  # 4 offline rewards per image
+python 03_bin.py     --out "$OUT"                                                  # 5 equal-population bins per reward
+python 04_model.py   --preset tiny                                                 # the network: size, FLOPs, self-checks
+python 05_train.py   --out "$OUT" --run miro --steps "$STEPS" --eval-every "$EVAL"  # MIRO: all rewards
+python 05_train.py   --out "$OUT" --run baseline --rewards none --steps "$STEPS" --eval-every "$EVAL"
+python 06_sample.py  --out "$OUT" --run miro                                       # a grid of held-out captions
+python 07_eval.py    --out "$OUT"                                                  # OUT/eval/report.md

@@ -1,5 +1,6 @@
 """Shared test helpers: import a stage by file name, run a stage as a user would."""
 import importlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,4 +32,18 @@ def small_dataset(tmp_path_factory):
     run("01_caption.py", "--out", out, "--n", 2000, "--seed", 3)
     run("02_score.py", "--out", out)
     run("03_bin.py", "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_runs(small_dataset, tmp_path_factory):
+    """MIRO (all 4 rewards) and the baseline, 2 steps each on the small dataset, with an
+    evaluation logged after every step; shared by the sampling and evaluation tests."""
+    out = tmp_path_factory.mktemp("runs")
+    for name in ("images.npy", "captions.pt", "bins.pt"):
+        shutil.copy(small_dataset / name, out / name)
+    fast = ["--steps", 2, "--batch-size", 8, "--warmup", 1, "--log-every", 1, "--eval-every", 1,
+            "--eval-steps", 2, "--eval-per-task", 1, "--eval-captions", 2]
+    run("05_train.py", "--out", out, "--run", "miro", *fast)
+    run("05_train.py", "--out", out, "--run", "baseline", "--rewards", "none", *fast)
     return out

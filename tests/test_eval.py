@@ -1,0 +1,73 @@
+"""07_eval.py: the convergence speed-up on known curves, the report end to end, bad input."""
+import json
+import shutil
+
+import pytest
+
+from conftest import run, stage
+
+ev = stage("07_eval")
+
+
+def records(values, every=100):
+    return [{"step": every * (i + 1), "eval": {"sharpness": v}} for i, v in enumerate(values)]
+
+
+def test_speedup_is_the_step_ratio_at_the_baselines_final_value():
+    base = records([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])           # final 0.6 at step 600
+    miro = records([0.3, 0.65, 0.7, 0.7, 0.8, 0.8])          # first >= 0.6 at step 200
+    s = ev.speedup(miro, base, "sharpness")
+    assert (s["baseline_final"], s["baseline_steps"], s["miro_steps"], s["speedup"]) == (0.6, 600, 200, 3.0)
+    assert ev.speedup(records([0.1] * 6), base, "sharpness")["speedup"] is None  # never reached
+
+
+def test_monotone_is_strict():
+    assert ev.monotone([0.1, 0.2, 0.25, 0.9]) and not ev.monotone([0.1, 0.2, 0.2, 0.3])
+
+
+@pytest.fixture(scope="module")
+def runs(two_runs):
+    return two_runs
+
+
+def test_training_logs_periodic_evaluations(runs):
+    lines = [json.loads(line) for line in (runs / "runs" / "miro" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert set(ev.rewards.REWARDS) | set(ev.TASKS) | {"overall"} <= set(evals[0]["eval"])
+
+
+def test_report_end_to_end(runs):
+    run("07_eval.py", "--out", runs, "--steps", 2, "--seeds", 2, "--per-task", 2, "--captions", 4,
+        "--best-prompts", 2, "--best-k", 1, "--sweep-prompts", 2, "--sweep-levels", 4, "--cfg-sweep", "0,1,2,3",
+        "--grid-prompts", 2)
+    eval_dir = runs / "eval"
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert list(results["runs"]) == ["miro", "baseline"]
+    miro = results["runs"]["miro"]
+    assert len(miro["seeds"]) == 2 and set(ev.TASKS) <= set(miro["mean"]) and "overall" in miro["std"]
+    assert set(results["miro_beats_baseline"]) == set(ev.rewards.REWARDS) | {"overall"}
+    assert results["speedup"]["sharpness"]["baseline_steps"] == 2
+    assert list(results["best_of"]["curves"]["miro"]) == ["1", "2"]
+    assert len(results["sweep"]["target"]) == 4 and len(results["sweep"]["cfg"]) == 4
+    report = (eval_dir / "report.md").read_text()
+    for figure in ("radar", "curves", "best_of", "sweep", "cfg", "isolation"):
+        assert (eval_dir / f"{figure}.png").exists() and f"({figure}.png)" in report
+    assert "| miro |" in report and "| baseline |" in report
+
+
+def fails_in_one_line(*args, expect):
+    result = run("07_eval.py", *map(str, args), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in expect:
+        assert word in lines[0], lines[0]
+
+
+def test_bad_input_fails_in_one_line(runs, tmp_path):
+    nolog = tmp_path / "nolog"
+    shutil.copytree(runs, nolog)
+    (nolog / "runs" / "baseline" / "log.jsonl").unlink()
+    fails_in_one_line("--out", nolog, "--runs", "miro,baseline", expect=["baseline", "no log", "05_train.py"])
+    fails_in_one_line("--out", runs, "--select", "aesthetic", expect=["unknown reward", "aesthetic"])
+    fails_in_one_line("--out", tmp_path, expect=["no trained run", "05_train.py"])

@@ -1,0 +1,146 @@
+"""06_sample.py: the guidance and the integrator against known answers, the CLI, bad input."""
+import shutil
+
+import pytest
+import torch
+
+from conftest import run, stage
+
+net, sampler = stage("04_model"), stage("06_sample")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m, _ = net.build("tiny", num_rewards=3)
+    with torch.no_grad():  # zero-initialised layers would hide the self-conditioning path
+        m.prev_proj.weight.normal_(0, 0.02)
+    return m.eval()
+
+
+def inputs(batch=3):
+    torch.manual_seed(1)
+    ids = net.tokenize(["a red circle.", "two blue squares.", "a green triangle."][:batch], 64)
+    s_plus, s_minus = torch.rand(batch, 3), torch.rand(batch, 3)
+    return torch.randn(batch, 3, 32, 32), ids, s_plus, s_minus
+
+
+@torch.no_grad()
+def test_cfg_zero_is_the_conditional_velocity(model):
+    x, ids, s_plus, s_minus = inputs()
+    guided = sampler.Guided(model, ids, s_plus, s_minus, cfg=0.0)
+    direct, latents = model(x, torch.full((3,), 0.7), s_plus, ids)
+    torch.testing.assert_close(guided(x, 0.7), direct)
+    direct2, _ = model(x, torch.full((3,), 0.4), s_plus, ids, prev_latents=latents)  # self-conditioned 2nd call
+    torch.testing.assert_close(guided(x, 0.4), direct2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg", [1.0, 7.5])
+def test_equal_targets_give_the_conditional_velocity_for_any_cfg(model, cfg):
+    x, ids, s_plus, _ = inputs()
+    guided = sampler.Guided(model, ids, s_plus, s_plus.clone(), cfg=cfg)
+    torch.testing.assert_close(guided(x, 0.5), model(x, torch.full((3,), 0.5), s_plus, ids)[0], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_guidance_is_eq3_with_both_branches(model):
+    x, ids, s_plus, s_minus = inputs()
+    v_pos = model(x, torch.full((3,), 0.3), s_plus, ids)[0]
+    v_neg = model(x, torch.full((3,), 0.3), s_minus, ids)[0]
+    torch.testing.assert_close(sampler.Guided(model, ids, s_plus, s_minus, 2.0)(x, 0.3), v_pos + 2.0 * (v_pos - v_neg),
+                               atol=1e-5, rtol=1e-5)
+    empty = net.tokenize([""] * 3, 64)  # --neg-text drop: the negative branch loses the caption too
+    v_drop = model(x, torch.full((3,), 0.3), s_minus, empty)[0]
+    torch.testing.assert_close(sampler.Guided(model, ids, s_plus, s_minus, 2.0, "drop")(x, 0.3),
+                               v_pos + 2.0 * (v_pos - v_drop), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_a_constant_velocity_field_integrates_exactly(method):
+    noise, c = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    x0 = sampler.integrate(lambda x, t: c, noise, steps=7, method=method)
+    torch.testing.assert_close(x0, noise - c)  # x(0) = x(1) - integral of c over [0, 1]
+
+
+def test_a_linear_field_has_the_known_discretisation_error():
+    """dx/dt = a x from t = 1 down to 0: exact x(0) = x(1) exp(-a). Euler multiplies by
+    (1 - a h) each step; Heun by 1 - a h + (a h)^2 / 2 (its last step to t = 0 is Euler)."""
+    a, n = 1.3, 10
+    h, x1 = 1 / n, torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    euler = sampler.integrate(lambda x, t: a * x, x1, n, "euler").item()
+    heun = sampler.integrate(lambda x, t: a * x, x1, n, "heun").item()
+    assert euler == pytest.approx((1 - a * h) ** n, rel=1e-6)
+    assert heun == pytest.approx((1 - a * h + (a * h) ** 2 / 2) ** (n - 1) * (1 - a * h), rel=1e-6)
+    exact = torch.tensor(-a).exp().item()
+    assert abs(heun - exact) < abs(euler - exact) / 5
+
+
+def test_best_of_returns_the_best_scoring_candidate():
+    candidates = torch.arange(2 * 4).view(2, 4, 1, 1, 1).expand(2, 4, 2, 2, 3).to(torch.uint8)
+    scores = torch.tensor([[0.1, 0.9, float("nan"), 0.3], [2.0, -1.0, 0.5, 1.9]])
+    best, index = sampler.best_of(candidates, scores)
+    assert index.tolist() == [1, 0]
+    assert best[0, 0, 0, 0] == 1 and best[1, 0, 0, 0] == 4
+
+
+def test_targets_by_order_and_by_name():
+    names = ["alignment", "sharpness", "colourfulness"]
+    assert sampler.parse_targets(None, names, 1.0) == [1.0, 1.0, 1.0]
+    assert sampler.parse_targets("1,0.5,0", names, 1.0) == [1.0, 0.5, 0.0]
+    assert sampler.parse_targets("sharpness=0.625", names, 1.0) == [1.0, 0.625, 1.0]
+
+
+# ----------------------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def trained(two_runs):
+    return two_runs
+
+
+def test_sampling_writes_samples_and_a_grid(trained):
+    (trained / "prompts.txt").write_text("a red circle.\n\n  two blue squares.\n")
+    run("06_sample.py", "--out", trained, "--run", "miro", "--prompts", trained / "prompts.txt", "--steps", 3,
+        "--pos", "sharpness=0.5", "--cfg", 2)
+    samples = torch.load(trained / "runs" / "miro" / "samples.pt", weights_only=True)
+    assert samples["images"].shape == (2, 32, 32, 3) and samples["images"].dtype == torch.uint8
+    assert samples["prompts"] == ["a red circle.", "two blue squares."]
+    assert samples["s_plus"].tolist() == [[1.0, 0.5, 1.0, 1.0]] * 2 and samples["s_minus"].sum() == 0
+    assert samples["cfg"] == 2 and samples["steps"] == 3 and (trained / "runs" / "miro" / "samples.png").exists()
+
+
+def test_modes_isolate_interpolate_best_of_and_the_baseline(trained):
+    common = ["--out", trained, "--n", 2, "--steps", 2]
+    run("06_sample.py", *common, "--isolate", "sharpness")
+    s = torch.load(trained / "runs" / "miro" / "samples.pt", weights_only=True)
+    assert s["s_minus"].tolist() == [[1.0, 0.0, 1.0, 1.0]] * 2
+    run("06_sample.py", *common, "--interpolate", "sharpness,colourfulness", "--alphas", 3)
+    s = torch.load(trained / "runs" / "miro" / "samples.pt", weights_only=True)
+    assert s["s_plus"][:, [1, 3]].tolist() == [[0, 1]] * 2 + [[0.5, 0.5]] * 2 + [[1, 0]] * 2
+    result = run("06_sample.py", *common, "--best-of", 3, "--select", "colourfulness")
+    assert "best of 3" in result.stdout
+    run("06_sample.py", *common, "--run", "baseline")  # no rewards: guided by the text
+    assert torch.load(trained / "runs" / "baseline" / "samples.pt", weights_only=True)["s_plus"].shape == (2, 0)
+
+
+def fails_in_one_line(*args, expect):
+    result = run("06_sample.py", *map(str, args), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in expect:
+        assert word in lines[0], lines[0]
+
+
+def test_bad_input_fails_in_one_line(trained, tmp_path):
+    out = ["--out", trained, "--steps", 1, "--n", 1]
+    fails_in_one_line(*out, "--pos", "aesthetic=1", expect=["unknown reward", "aesthetic"])
+    fails_in_one_line(*out, "--pos", "sharpness=1.5", expect=["outside [0, 1]"])
+    fails_in_one_line(*out, "--neg", "0,0", expect=["2 levels", "4 rewards"])
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    fails_in_one_line(*out, "--prompts", tmp_path / "empty.txt", expect=["no prompt"])
+    fails_in_one_line(*out, "--run", "nothing", expect=["05_train.py"])
+    other = tmp_path / "other"  # a bins.pt whose rewards are not the run's
+    shutil.copytree(trained, other)
+    bins = torch.load(other / "bins.pt", weights_only=True)
+    bins["names"] = ["alignment", "aesthetic", "low_noise", "colourfulness"]
+    torch.save(bins, other / "bins.pt")
+    fails_in_one_line("--out", other, "--steps", 1, "--n", 1, expect=["sharpness", "bins.pt", "05_train.py"])
