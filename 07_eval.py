@@ -309,20 +309,32 @@ def markdown_table(summary, metrics):
     return "\n".join(lines)
 
 
-def plot_radar(summary, metrics, path):
-    """Paper Fig. 4: one axis per metric, scaled so the worst run sits at 0.2 and the best at 1."""
+def plot_radar(summary, metrics, ranges, path):
+    """Paper Fig. 4: one axis per metric, each reward placed on the range its training images
+    span (0 = their 1st percentile, 1 = their 99th; ranges from scores.pt), GenEval as is."""
     angles = np.linspace(0, 2 * np.pi, len(metrics), endpoint=False).tolist()
     fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"polar": True})
-    values = np.array([[s["mean"][m] for m in metrics] for s in summary.values()])  # (runs, metrics)
-    low, high = values.min(0), values.max(0)
-    scaled = 0.2 + 0.8 * (values - low) / np.where(high > low, high - low, 1)
-    for run, row in zip(summary, scaled):
-        ax.plot(angles + angles[:1], list(row) + [row[0]], label=run)
-        ax.fill(angles + angles[:1], list(row) + [row[0]], alpha=0.1)
+    for run, s in summary.items():
+        row = [(s["mean"][m] - ranges[m][0]) / (ranges[m][1] - ranges[m][0]) if m in ranges else s["mean"][m]
+               for m in metrics]
+        row = np.clip(row, 0, 1.2).tolist()
+        ax.plot(angles + angles[:1], row + row[:1], label=run)
+        ax.fill(angles + angles[:1], row + row[:1], alpha=0.1)
     ax.set_xticks(angles, metrics, fontsize=8)
-    ax.set_yticks([])
+    ax.set_ylim(0, 1.2)
+    ax.set_yticks([0.5, 1.0], ["0.5", "1"], fontsize=7)
     ax.legend(loc="lower right", bbox_to_anchor=(1.2, -0.1), fontsize=8)
     save_figure(fig, path)
+
+
+def reward_ranges(out):
+    """{reward: (1st, 99th percentile)} of the training images' scores, to place samples on."""
+    path = os.path.join(out, "scores.pt")
+    if not os.path.exists(path):
+        return {}
+    scores = world.load_pt(path, ["names", "scores"], "07_eval.py", "02_score.py")
+    return {name: tuple(np.nanpercentile(scores["scores"][:, i].numpy(), [1, 99]).tolist())
+            for i, name in enumerate(scores["names"])}
 
 
 def plot_curves(evals, metrics, path):
@@ -386,8 +398,11 @@ def report(args):
           f"(mean ± std); reward means on {args.captions} fresh captions, GenEval-style scores on "
           f"{args.per_task} prompts per task.\n", markdown_table(summary, all_rewards + ["overall"]), "",
           markdown_table(summary, list(TASKS)), ""]
-    plot_radar(summary, all_rewards + ["overall"], os.path.join(eval_dir, "radar.png"))
-    md += ["![radar](radar.png)", ""]
+    ranges = reward_ranges(args.out)
+    plot_radar(summary, all_rewards + ["overall"], ranges, os.path.join(eval_dir, "radar.png"))
+    results["reward_ranges"] = ranges
+    md += ["![radar](radar.png)", "", "The radar places each reward between the 1st (0) and the 99th (1) percentile of "
+           "the training images' scores; GenEval overall as it is.", ""]
 
     most = max(len(models[r][1]["reward_names"]) for r in runs)
     miro = next((r for r in runs if most > 1 and len(models[r][1]["reward_names"]) == most), None)  # all rewards
@@ -416,6 +431,20 @@ def report(args):
                + " |", "|---" * (len(curves[miro]) + 1) + "|"]
         md += [f"| {run} | " + " | ".join(f"{v:.3f}" for v in c.values()) + " |" for run, c in curves.items()]
         md += ["", "![best of N](best_of.png)", ""]
+
+    singles = [r for r in runs if len(models[r][1]["reward_names"]) == 1 and r != miro]
+    if miro and singles:  # reward hacking: a model that only knows one reward, against MIRO
+        md += ["## Single-reward models (reward hacking)\n", "| run | its reward | on it: run / MIRO | alignment: run / MIRO |",
+               "|---|---|---|---|"]
+        results["single_reward"] = {}
+        for run in singles:
+            name = models[run][1]["reward_names"][0]
+            mine, theirs = summary[run]["mean"], summary[miro]["mean"]
+            results["single_reward"][run] = {"reward": name, "on_it": [mine[name], theirs[name]],
+                                             "alignment": [mine["alignment"], theirs["alignment"]]}
+            md.append(f"| {run} | {name} | {mine[name]:.3f} / {theirs[name]:.3f} | "
+                      f"{mine['alignment']:.3f} / {theirs['alignment']:.3f} |")
+        md.append("")
 
     if miro:
         model, names = models[miro][0], models[miro][1]["reward_names"]

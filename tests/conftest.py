@@ -40,10 +40,19 @@ def two_runs(small_dataset, tmp_path_factory):
     """MIRO (all 4 rewards) and the baseline, 2 steps each on the small dataset, with an
     evaluation logged after every step; shared by the sampling and evaluation tests."""
     out = tmp_path_factory.mktemp("runs")
-    for name in ("images.npy", "captions.pt", "bins.pt"):
+    for name in ("images.npy", "captions.pt", "scores.pt", "bins.pt"):
         shutil.copy(small_dataset / name, out / name)
     fast = ["--steps", 2, "--batch-size", 8, "--warmup", 1, "--log-every", 1, "--eval-every", 1,
             "--eval-steps", 2, "--eval-per-task", 1, "--eval-captions", 2]
     run("05_train.py", "--out", out, "--run", "miro", *fast)
     run("05_train.py", "--out", out, "--run", "baseline", "--rewards", "none", *fast)
     return out
+
+
+def fails_in_one_line(script, *args, expect):
+    """Run a stage with bad input: it must exit non-zero with one stderr line holding every word of expect."""
+    result = run(script, *map(str, args), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in expect:
+        assert word in lines[0], (word, lines[0])
