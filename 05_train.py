@@ -11,7 +11,8 @@ model with the same script: only the number of reward tokens changes. `--caption
 shows each image with its alt text, its long or its short caption, a third each: the paper
 mixes the original alt text with synthetic long and short captions.
 
-    python 05_train.py                                      # MIRO on the shapes world (tiny, CPU)
+    python 05_train.py                                      # MIRO on the shapes world (tiny, CPU, ~5 min)
+    python 05_train.py --eval-every 100                     # + evaluations in log.jsonl (07_eval.py)
     python 05_train.py --rewards none --run baseline        # the same model without rewards
     python 05_train.py --rewards colourfulness --run only_colourfulness
     python 05_train.py --run miro --resume --steps 4000     # continue a run from its checkpoint
@@ -21,7 +22,9 @@ mixes the original alt text with synthetic long and short captions.
 
 Reads OUT/images.npy, OUT/captions.pt, OUT/bins.pt; writes OUT/runs/RUN/ckpt.pt (every
 --ckpt-every steps and at the end, atomically) and OUT/runs/RUN/log.jsonl (one JSON line
-per logged step). Prints one line per --log-every steps: loss, lr, grad norm, images/s, MFU.
+per logged step, and one {"step", "eval"} line per evaluation: reward means and GenEval-style
+scores of EMA samples at the top reward target, 07_eval.evaluate). Prints one line per
+--log-every steps: loss, lr, grad norm, images/s, MFU.
 Every step's randomness (batch, t, noise, caption choice) is seeded by (seed, step, rank),
 so a resumed run is bit-for-bit the run that was never stopped.
 """
