@@ -1,4 +1,5 @@
 """06_sample.py: the guidance and the integrator against known answers, the CLI, bad input."""
+import argparse
 import os
 import shutil
 
@@ -109,14 +110,18 @@ def test_sampling_writes_samples_and_a_grid(trained):
     assert samples["cfg"] == 2 and samples["steps"] == 3 and (trained / "runs" / "miro" / "samples.png").exists()
 
 
-def test_modes_isolate_interpolate_best_of_and_the_baseline(trained):
+def test_isolate_and_interpolate_targets():
+    names = ["alignment", "sharpness", "low_noise", "colourfulness"]
+    args = argparse.Namespace(pos=None, neg=None, isolate="sharpness", interpolate=None, alphas=3)
+    assert sampler.targets_for(args, names) == [("sharpness only", [1.0] * 4, [1.0, 0.0, 1.0, 1.0])]
+    args.isolate, args.interpolate = None, "sharpness,colourfulness"
+    rows = sampler.targets_for(args, names)
+    assert [[row[1][1], row[1][3]] for row in rows] == [[0, 1], [0.5, 0.5], [1, 0]]
+    assert all(row[2] == [0.0] * 4 for row in rows)
+
+
+def test_best_of_and_the_baseline_from_the_command_line(trained):
     common = ["--out", trained, "--n", 2, "--steps", 2]
-    run("06_sample.py", *common, "--isolate", "sharpness")
-    s = torch.load(trained / "runs" / "miro" / "samples.pt", weights_only=True)
-    assert s["s_minus"].tolist() == [[1.0, 0.0, 1.0, 1.0]] * 2
-    run("06_sample.py", *common, "--interpolate", "sharpness,colourfulness", "--alphas", 3)
-    s = torch.load(trained / "runs" / "miro" / "samples.pt", weights_only=True)
-    assert s["s_plus"][:, [1, 3]].tolist() == [[0, 1]] * 2 + [[0.5, 0.5]] * 2 + [[1, 0]] * 2
     result = run("06_sample.py", *common, "--best-of", 3, "--select", "colourfulness")
     assert "best of 3" in result.stdout
     run("06_sample.py", *common, "--run", "baseline")  # no rewards: guided by the text
@@ -126,8 +131,12 @@ def test_modes_isolate_interpolate_best_of_and_the_baseline(trained):
 def test_bad_input_fails_in_one_line(trained, tmp_path):
     out = ["--out", trained, "--steps", 1, "--n", 1]
     fails_in_one_line("06_sample.py", *out, "--pos", "aesthetic=1", expect=["unknown reward", "aesthetic"])
-    fails_in_one_line("06_sample.py", *out, "--pos", "sharpness=1.5", expect=["outside [0, 1]"])
-    fails_in_one_line("06_sample.py", *out, "--neg", "0,0", expect=["2 levels", "4 rewards"])
+    names = ["alignment", "sharpness", "low_noise", "colourfulness"]
+    for spec, words in [("sharpness=1.5", ["outside [0, 1]"]), ("0,0", ["2 levels", "4 rewards"]),
+                        ("sharpness=high", ["cannot read"])]:
+        with pytest.raises(SystemExit) as stop:  # the same one-line exit, without a process each
+            sampler.parse_targets(spec, names, 1.0)
+        assert all(word in str(stop.value) for word in words) and "\n" not in str(stop.value)
     (tmp_path / "empty.txt").write_text("\n  \n")
     fails_in_one_line("06_sample.py", *out, "--prompts", tmp_path / "empty.txt", expect=["no prompt"])
     fails_in_one_line("06_sample.py", *out, "--run", "nothing", expect=["05_train.py"])
