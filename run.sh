@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in shapes world: all seven stages in order, each writing into $OUT.
 # MIRO (all rewards) and the unconditioned baseline get the same network, data and steps.
-# Times are for a 2-core laptop CPU (see README, "The main job").
+# About 16 minutes on a 2-core CPU (see README, "The main job").
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
