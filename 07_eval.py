@@ -243,27 +243,15 @@ def best_of_curve(model, names, select, n_prompts, max_k, cfg, steps, seed, neg_
     return {2 ** k: float(scores[:, :2 ** k].max(1).values.mean()) for k in range(max_k + 1)}
 
 
-def target_sweep(model, names, reward, levels, n_prompts, cfg, steps, seed, neg_text, device):
-    """Raise one reward's positive target, the others at 1 (paper Fig. 12): that reward's mean per level."""
-    captions = sampler.fresh_captions(n_prompts)
-    j, out = names.index(reward), {}
-    for level in levels:
-        s_plus = [[1.0] * len(names)] * n_prompts
-        s_plus = [row[:j] + [float(level)] + row[j + 1:] for row in s_plus]
-        images = sampler.generate(model, captions, s_plus, [[0.0] * len(names)] * n_prompts, cfg, seed, steps,
+def sweep(model, names, reward, settings, n_prompts, steps, seed, neg_text, device):
+    """Paper Fig. 12: for each (level, w), sample with s+ = 1 except `reward` at that level and
+    guidance w; that reward's mean per setting."""
+    captions, j, out = sampler.fresh_captions(n_prompts), names.index(reward), []
+    for level, w in settings:
+        s_plus = [[1.0] * j + [float(level)] + [1.0] * (len(names) - j - 1)] * n_prompts
+        images = sampler.generate(model, captions, s_plus, [[0.0] * len(names)] * n_prompts, w, seed, steps,
                                   neg_text=neg_text, device=device)
-        out[float(level)] = float(rewards.REWARDS[reward](images, captions).nanmean())
-    return out
-
-
-def cfg_sweep(model, names, reward, weights, n_prompts, steps, seed, neg_text, device):
-    """Raise the guidance weight w at the top target: a reward's mean per w."""
-    captions = sampler.fresh_captions(n_prompts)
-    out = {}
-    for w in weights:
-        images = sampler.generate(model, captions, *top_targets(len(names), n_prompts), w, seed, steps,
-                                  neg_text=neg_text, device=device)
-        out[float(w)] = float(rewards.REWARDS[reward](images, captions).nanmean())
+        out.append(float(rewards.REWARDS[reward](images, captions).nanmean()))
     return out
 
 
@@ -449,21 +437,20 @@ def report(args):
     if miro:
         model, names = models[miro][0], models[miro][1]["reward_names"]
         levels = np.linspace(0, 1, args.sweep_levels).tolist()
-        sweep = target_sweep(model, names, args.sweep, levels, args.sweep_prompts, args.cfg, args.steps, 0,
-                             args.neg_text, device)
-        weights = cfg_sweep(model, names, args.sweep, args.cfg_sweep, args.sweep_prompts, args.steps, 0,
-                            args.neg_text, device)
-        results["sweep"] = {"reward": args.sweep, "target": sweep, "cfg": weights,
-                            "target_monotone": monotone(list(sweep.values())),
-                            "cfg_monotone": monotone(list(weights.values()))}
-        plot_xy({f"{miro}: target of {args.sweep}": sweep}, f"s+ of {args.sweep}", args.sweep,
+        common = (args.sweep_prompts, args.steps, 0, args.neg_text, device)
+        by_level = dict(zip(levels, sweep(model, names, args.sweep, [(v, args.cfg) for v in levels], *common)))
+        by_w = dict(zip(args.cfg_sweep, sweep(model, names, args.sweep, [(1.0, w) for w in args.cfg_sweep], *common)))
+        results["sweep"] = {"reward": args.sweep, "target": by_level, "cfg": by_w,
+                            "target_monotone": monotone(list(by_level.values())),
+                            "cfg_monotone": monotone(list(by_w.values()))}
+        plot_xy({f"{miro}: target of {args.sweep}": by_level}, f"s+ of {args.sweep}", args.sweep,
                 os.path.join(eval_dir, "sweep.png"))
-        plot_xy({f"{miro}: top target": weights}, "guidance weight w", args.sweep, os.path.join(eval_dir, "cfg.png"))
+        plot_xy({f"{miro}: top target": by_w}, "guidance weight w", args.sweep, os.path.join(eval_dir, "cfg.png"))
         md += [f"## Dialling {args.sweep} (paper Fig. 12)\n", f"| s+ of {args.sweep} | "
-               + " | ".join(f"{k:.2f}" for k in sweep) + " |", "|---" * (len(sweep) + 1) + "|",
-               f"| {args.sweep} | " + " | ".join(f"{v:.3f}" for v in sweep.values()) + " |", "",
-               f"| w | " + " | ".join(f"{k:g}" for k in weights) + " |", "|---" * (len(weights) + 1) + "|",
-               f"| {args.sweep} | " + " | ".join(f"{v:.3f}" for v in weights.values()) + " |", "",
+               + " | ".join(f"{k:.2f}" for k in by_level) + " |", "|---" * (len(by_level) + 1) + "|",
+               f"| {args.sweep} | " + " | ".join(f"{v:.3f}" for v in by_level.values()) + " |", "",
+               f"| w | " + " | ".join(f"{k:g}" for k in by_w) + " |", "|---" * (len(by_w) + 1) + "|",
+               f"| {args.sweep} | " + " | ".join(f"{v:.3f}" for v in by_w.values()) + " |", "",
                "![sweep](sweep.png) ![cfg](cfg.png)", ""]
         isolation_grid(model, names, args.grid_prompts, args.cfg, args.steps, 0, args.neg_text, device,
                        os.path.join(eval_dir, "isolation.png"))
