@@ -350,6 +350,48 @@ def load_images(path, stage):
     return images
 
 
+# ----------------------------------------------------------------------------- several GPUs
+# Under torchrun, 01 (captioning) and 02 (scoring) split the images: each rank does a
+# contiguous share and writes a part file, and rank 0 merges the parts in rank order.
+def distributed(device="auto"):
+    """(rank, world size), after joining torchrun's process group; (0, 1) without torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and device != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard(n, rank, world_size):
+    """This rank's contiguous share of n items, as a range (the shares cover 0..n-1 in order)."""
+    per = -(-n // world_size)
+    return range(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def merge_parts(part, path, rank, world_size):
+    """Every rank saves its part next to path; rank 0 returns the list of all parts in rank
+    order and deletes them, the other ranks return None. Without torchrun: [part]."""
+    if world_size == 1:
+        return [part]
+    import torch.distributed as dist
+    part_path = f"{path}.part{rank}-of-{world_size}"
+    save_atomic(part, part_path)
+    dist.barrier()
+    parts = None
+    if rank == 0:
+        paths = [f"{path}.part{r}-of-{world_size}" for r in range(world_size)]
+        parts = [torch.load(p, weights_only=True) for p in paths]
+    dist.barrier()  # every part is read before any is deleted
+    if rank == 0:
+        for p in paths:
+            os.remove(p)
+    return parts
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out", help="working folder for every stage's files")

@@ -208,6 +208,26 @@ def colourfulness(images, captions=None):
 REWARDS = {"alignment": alignment, "sharpness": sharpness, "low_noise": low_noise, "colourfulness": colourfulness}
 
 
+# ----------------------------------------------------------------------------- the paper's reward models
+# Each loader takes (source, device): source is a hub id or a local checkpoint path. It
+# returns a function with the contract of REWARDS: (images uint8 [B, H, W, 3], captions)
+# -> float32 [B]. Backbones may run in bf16 on CUDA; heads and scores are fp32.
+def load_or_explain(name, source, load):
+    """Call load(); if the weights cannot be found, stop with one line saying how to provide them."""
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "state_dict" in str(e):
+            raise  # wrong keys in a checkpoint are a real error, not a missing download
+        sys.exit(f"02_score.py: error: cannot load the weights of reward {name} from {source!r} "
+                 f"({type(e).__name__}): download them where the hub is reachable and pass "
+                 f"--checkpoint {name}=LOCAL_PATH")
+
+
+MODEL_REWARDS = {  # name -> (loader, default source)
+}
+
+
 def score(reward, images, captions, batch_size, desc=None):
     """Run one reward over all images in batches: float32 [N], NaN where it failed.
     A batch that raises is retried image by image, so one bad image costs only itself."""
