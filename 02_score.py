@@ -224,6 +224,15 @@ def load_or_explain(name, source, load):
                  f"--checkpoint {name}=LOCAL_PATH")
 
 
+# -- CLIP-family rewards: aesthetic, clip, pickscore, sciscore, hpsv2, jinaclip
+
+
+# -- ImageReward: BLIP ViT-L and a BERT with cross-attention, then an MLP
+
+
+# -- VQAScore: P("Yes") from a vision-language model
+
+
 MODEL_REWARDS = {  # name -> (loader, default source)
 }
 
