@@ -228,12 +228,149 @@ def load_or_explain(name, source, load):
 
 
 # -- ImageReward: BLIP ViT-L and a BERT with cross-attention, then an MLP
+# ImageReward (Xu et al. 2023, github.com/THUDM/ImageReward) is BLIP fine-tuned on human rankings:
+#   image  -> BLIP's ViT-L/16 at 224 px                              -> tokens (B, 1 + 14*14, 1024)
+#   prompt -> "[CLS] prompt [SEP]" padded to 35 tokens -> BLIP's BERT-base, whose 12 layers each
+#             cross-attend to the image tokens                       -> (B, 35, 768)
+#   the [CLS] position (B, 768) -> 5 linear layers with NO activation between them (the ReLUs are
+#   commented out in the original) -> r (B,), reported as (r - mean) / std over their training set.
+# Both towers are transformers' BLIP classes; only the ViT's parameter names differ from ImageReward.pt.
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
+IMAGEREWARD_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, as in ImageReward's _transform
+IMAGEREWARD_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGEREWARD_TEXT_LENGTH = 35  # tokens, [CLS] and [SEP] included: longer prompts are cut
+IMAGEREWARD_KEYS = [  # ImageReward.pt name (regular expression) -> name in imagereward_modules(), None = unused
+    (r"blip\.visual_encoder\.cls_token", r"vision.embeddings.class_embedding"),
+    (r"blip\.visual_encoder\.pos_embed", r"vision.embeddings.position_embedding"),
+    (r"blip\.visual_encoder\.patch_embed\.proj\.(weight|bias)", r"vision.embeddings.patch_embedding.\1"),
+    (r"blip\.visual_encoder\.blocks\.(\d+)\.norm1\.(weight|bias)", r"vision.encoder.layers.\1.layer_norm1.\2"),
+    (r"blip\.visual_encoder\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"vision.encoder.layers.\1.self_attn.qkv.\2"),
+    (r"blip\.visual_encoder\.blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"vision.encoder.layers.\1.self_attn.projection.\2"),
+    (r"blip\.visual_encoder\.blocks\.(\d+)\.norm2\.(weight|bias)", r"vision.encoder.layers.\1.layer_norm2.\2"),
+    (r"blip\.visual_encoder\.blocks\.(\d+)\.mlp\.fc(1|2)\.(weight|bias)", r"vision.encoder.layers.\1.mlp.fc\2.\3"),
+    (r"blip\.visual_encoder\.norm\.(weight|bias)", r"vision.post_layernorm.\1"),
+    (r"blip\.text_encoder\.embeddings\.position_ids", None),  # the buffer arange(512), not a weight
+    (r"blip\.text_encoder\.(.+)", r"text.\1"),  # BLIP's med.py BertModel and BlipTextModel share these names
+    (r"blip\.(vision|text)_proj\.(weight|bias)", None),  # BLIP's contrastive projections, not used for the reward
+    (r"mlp\.layers\.(0|2|4|6|7)\.(weight|bias)", r"head.\1.\2"),
+]
+
+
+def imagereward_modules(vision, med):
+    """The network, randomly initialised: "vision" (BLIP ViT), "text" (BERT with cross-attention),
+    "head" (the MLP, its indices those of ImageReward's nn.Sequential). vision: width, depth, mlp
+    width, patch and image size (ViT-L/16: 1024, 24, 4096, 16, 224); med: BLIP's med_config.json."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+    vision_config = BlipVisionConfig(
+        hidden_size=vision["width"], num_hidden_layers=vision["depth"], intermediate_size=vision["mlp"],
+        num_attention_heads=vision["width"] // 64,  # BLIP's ViTs use 64-wide heads: ViT-L 16 heads, ViT-B 12
+        patch_size=vision["patch"], image_size=vision["image_size"], hidden_act="gelu", layer_norm_eps=1e-6)
+    text_config = BlipTextConfig(
+        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], num_hidden_layers=med["num_hidden_layers"],
+        num_attention_heads=med["num_attention_heads"], intermediate_size=med["intermediate_size"],
+        max_position_embeddings=med["max_position_embeddings"], hidden_act=med["hidden_act"],
+        layer_norm_eps=med["layer_norm_eps"], pad_token_id=med["pad_token_id"],
+        encoder_hidden_size=vision["width"],  # BLIP overrides med_config's encoder_width with the ViT's width
+        is_decoder=True)  # only so that transformers builds the cross-attention; it is called as an encoder
+    width = med["hidden_size"]
+    head = torch.nn.Sequential(torch.nn.Linear(width, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    return torch.nn.ModuleDict({"vision": BlipVisionModel(vision_config),
+                                "text": BlipTextModel(text_config, add_pooling_layer=False), "head": head})
+
+
+def rename_imagereward_keys(state):
+    """ImageReward.pt's state dict -> imagereward_modules() names. An unknown key is an error."""
+    renamed = {}
+    for key, value in state.items():
+        for pattern, target in IMAGEREWARD_KEYS:
+            match = re.fullmatch(pattern, key)
+            if match:
+                if target is not None:
+                    renamed[match.expand(target)] = value
+                break
+        else:
+            raise RuntimeError(f"ImageReward.pt: unexpected key {key!r} in the state_dict")
+    return renamed
+
+
+def load_imagereward(source, device):
+    """ImageReward from the hub repo THUDM/ImageReward (files ImageReward.pt and med_config.json;
+    tokenizer: vocab.txt of bert-base-uncased), or from a local folder holding
+
+        ImageReward.pt  med_config.json  vocab.txt (bert-base-uncased's; if absent, from the hub)
+
+    or the path of such an ImageReward.pt. The ViT's size is read from the checkpoint's shapes.
+    Returns fn(images uint8 [B, H, W, 3], captions) -> float32 [B], in standard deviations of
+    ImageReward's own scores around their mean (0 = an average image for its prompt)."""
+    import json
+    from huggingface_hub import hf_hub_download
+    from PIL import Image
+    from torchvision import transforms
+    from transformers import BertTokenizer
+
+    def load():
+        if os.path.exists(source):  # a local folder, or the path of the checkpoint inside it
+            folder = source if os.path.isdir(source) else os.path.dirname(source)
+            checkpoint = source if os.path.isfile(source) else os.path.join(folder, "ImageReward.pt")
+            med_config, vocab = os.path.join(folder, "med_config.json"), os.path.join(folder, "vocab.txt")
+        else:
+            checkpoint, med_config = hf_hub_download(source, "ImageReward.pt"), hf_hub_download(source, "med_config.json")
+            vocab = None
+        if vocab is None or not os.path.isfile(vocab):
+            vocab = hf_hub_download("bert-base-uncased", "vocab.txt")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        with open(med_config) as f:
+            med = json.load(f)
+        # BLIP's tokenizer: bert-base-uncased plus [DEC] and [ENC], the 2 extra words of vocab_size 30524.
+        # ImageReward never uses them: its text starts with [CLS], not [ENC].
+        tokenizer = BertTokenizer(vocab)
+        tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+        return state, med, tokenizer
+
+    state, med, tokenizer = load_or_explain("imagereward", source, load)
+    if len(tokenizer) != med["vocab_size"]:
+        sys.exit(f"02_score.py: error: imagereward: the tokenizer has {len(tokenizer)} words, "
+                 f"med_config.json says {med['vocab_size']}: use bert-base-uncased's vocab.txt")
+    renamed = rename_imagereward_keys(state)  # first, so that a foreign checkpoint fails with its key names
+    blocks = {int(m[1]) for m in (re.match(r"blip\.visual_encoder\.blocks\.(\d+)\.", k) for k in state) if m}
+    patch_weight = state["blip.visual_encoder.patch_embed.proj.weight"]  # (width, 3, patch, patch)
+    grid = int((state["blip.visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)  # (1, 1 + grid^2, width)
+    vision = {"width": patch_weight.shape[0], "depth": len(blocks), "patch": patch_weight.shape[-1],
+              "image_size": grid * patch_weight.shape[-1],
+              "mlp": state["blip.visual_encoder.blocks.0.mlp.fc1.weight"].shape[0]}
+    model = imagereward_modules(vision, med)
+    model.load_state_dict(renamed, strict=True)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = model.to(device).eval()
+    model["vision"].to(dtype)
+    model["text"].to(dtype)  # the head stays in fp32
+
+    size = vision["image_size"]
+    preprocess = transforms.Compose([  # ImageReward's _transform(224), from PIL images as theirs
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
+        transforms.ToTensor(), transforms.Normalize(IMAGEREWARD_PIXEL_MEAN, IMAGEREWARD_PIXEL_STD)])
+
+    @torch.no_grad()
+    def imagereward(images, captions):
+        pixels = torch.stack([preprocess(Image.fromarray(np.asarray(image))) for image in images])  # (B, 3, S, S)
+        text = tokenizer(list(captions), padding="max_length", truncation=True,
+                         max_length=IMAGEREWARD_TEXT_LENGTH, return_tensors="pt")
+        image_tokens = model["vision"](pixel_values=pixels.to(device, dtype)).last_hidden_state  # (B, 1+P, Dv)
+        text_tokens = model["text"](input_ids=text.input_ids.to(device), attention_mask=text.attention_mask.to(device),
+                                    encoder_hidden_states=image_tokens).last_hidden_state  # (B, 35, D)
+        raw = model["head"](text_tokens[:, 0].float())[:, 0]  # (B,): the [CLS] position, in fp32
+        return ((raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).cpu()
+
+    return imagereward
 
 
 # -- VQAScore: P("Yes") from a vision-language model
 
 
 MODEL_REWARDS = {  # name -> (loader, default source)
+    "imagereward": (load_imagereward, "THUDM/ImageReward"),
 }
 
 
