@@ -15,15 +15,24 @@ range. Captions never mention the degradations: only the rewards see them.
 
     python 01_caption.py                          # 20,000 scenes at 32 px, ~20 s on a laptop CPU
     python 01_caption.py --n 2000 --size 64 --out tiny
-    python 01_caption.py --source folder --images DIR [--alt-file FILE]
+    python 01_caption.py --source folder --images DIR [--alt-file FILE]   # captions by Qwen2.5-VL-3B
+    python 01_caption.py --source folder --images DIR --captioner google/gemma-3-12b-it  # the paper's
+    torchrun --nproc_per_node 8 01_caption.py --source folder --images DIR  # each GPU captions 1/8
+
+With --source folder, a vision-language model (transformers AutoModelForImageTextToText)
+writes the long and the short caption of each image from the paper's two captioning
+prompts (greedy, batched); an answer with no caption in it keeps the alt text, and the
+count of those is printed and stored. --captioner none keeps the alt text for both.
 
 Writes OUT/images.npy (uint8 [N, H, W, 3]) and OUT/captions.pt (alt, long, short,
-meta, source, version, config). Same seed, same bytes.
+meta, source, version, config; for a folder also captioner and fallbacks). Same seed,
+same bytes.
 """
 import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -254,7 +263,16 @@ def read_alt_file(path):
     return dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
 
 
-def load_folder(folder, size, alt_file=None):
+def read_square(path, size):
+    """The centred square crop of an image file, resized to size: a PIL RGB image."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        return im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+
+
+def load_folder(folder, size, alt_file=None, verbose=True):
     """Images under folder (recursive), centre-cropped and resized, with their alt text."""
     root = Path(folder)
     if not root.is_dir():
@@ -262,14 +280,9 @@ def load_folder(folder, size, alt_file=None):
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     alt_of = read_alt_file(alt_file) if alt_file else {}
     images, alt, meta, skipped = [], [], [], 0
-    for path in tqdm(paths, desc="reading images", unit="img"):
+    for path in tqdm(paths, desc="reading images", unit="img", disable=not verbose):
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                side = min(im.size)
-                left, top = (im.width - side) // 2, (im.height - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-                images.append(np.asarray(im, np.uint8))
+            images.append(np.asarray(read_square(path, size), np.uint8))
         except Exception:
             skipped += 1
             continue
@@ -280,13 +293,121 @@ def load_folder(folder, size, alt_file=None):
             text = sidecar.read_text(encoding="utf-8", errors="replace")
         alt.append(" ".join((text or "").split()))
         meta.append({"file": name})
-    if skipped:
+    if skipped and verbose:
         print(f"skipped {skipped} unreadable file(s) of {len(paths)}")
     if not images:
         sys.exit(f"01_caption.py: error: no readable jpg/png/webp image under {folder}")
-    print("long and short captions fall back to the alt text (no vision-language captioner yet)")
     captions = {"alt": alt, "long": list(alt), "short": list(alt), "meta": meta, "source": "folder"}
     return np.stack(images), captions
+
+
+# ----------------------------------------------------------------------------- captions from a vision-language model
+# The paper recaptions its web images with Gemma 3 12B, asking each image for a long,
+# detailed caption and a short one, answered between <CAPTION> tags (appendix D). The
+# exact wording of its two prompts is not in the public code (nicolas-dufour/miro reads
+# finished captions from a TSV: file, short, long), so the prompts below are ours, written
+# to that description.
+# Default: Qwen2.5-VL-3B (3.75B parameters, 7.5 GB of bf16 weights), a strong small captioner
+# that t2v_metrics also lists as a VQAScore model. The paper's google/gemma-3-12b-it (12.2B,
+# 24.4 GB) runs through the same code: --captioner google/gemma-3-12b-it.
+DEFAULT_CAPTIONER = "Qwen/Qwen2.5-VL-3B-Instruct"
+LONG_PROMPT = ("Describe this image in detail, as a caption for training a text-to-image model. Mention the "
+               "main subjects and their attributes (colours, shapes, materials, counts), where they are and "
+               "how they relate to each other, the background, the lighting, the style or medium, and any "
+               "visible text. Write plain prose, without lists or a preamble. Put the caption between "
+               "<CAPTION> and </CAPTION>.")
+SHORT_PROMPT = ("Write a short caption for this image: one sentence of at most 25 words that names the main "
+                "subjects, their key attributes and what they are doing. Put the caption between <CAPTION> "
+                "and </CAPTION>.")
+
+
+def load_vlm(source, device):
+    """An image-text-to-text model and its processor from a hub id or a local folder, in
+    eval mode on device: bf16 on CUDA, fp32 on CPU. The processor pads on the left, so that
+    in a batch every prompt ends at the last position and generation continues from there.
+    Raises OSError if the weights cannot be found; RuntimeError (naming the state_dict) if the
+    checkpoint lacks weights of the architecture, which would otherwise stay random."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor  # only when a VLM is used
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(source)
+    processor.tokenizer.padding_side = "left"
+    model, info = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    if info["missing_keys"]:
+        raise RuntimeError(f"{source}: state_dict lacks {sorted(info['missing_keys'])[:5]} "
+                           f"({len(info['missing_keys'])} keys missing)")
+    return model.to(device).eval(), processor
+
+
+def vlm_inputs(processor, images, prompts, device, dtype):
+    """One user turn per image (the image, then its prompt) through the model's own chat
+    template, tokenized and batched with left padding: input_ids (B, L), attention_mask (B, L)
+    and the model's pixel tensors (cast to dtype), on device."""
+    turns = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+             for image, prompt in zip(images, prompts)]
+    inputs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", processor_kwargs={"padding": True})
+    return inputs.to(device, dtype=dtype)  # dtype applies to the floating tensors only (pixels)
+
+
+@torch.no_grad()
+def vlm_answers(model, processor, images, prompt, max_new_tokens):
+    """Greedy answers of the model to one prompt about each image: list of B strings."""
+    inputs = vlm_inputs(processor, images, [prompt] * len(images), model.device, model.dtype)
+    tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=processor.tokenizer.pad_token_id)  # (B, L + new)
+    return processor.batch_decode(tokens[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+OPEN_TAG, CLOSE_TAG = re.compile(r"<\s*caption\s*>", re.I), re.compile(r"<\s*/\s*caption\s*>", re.I)
+
+
+def parse_caption(answer):
+    """The caption between <CAPTION> and </CAPTION> in a model's answer, whitespace collapsed;
+    None if there is none. Of several tagged captions the first non-empty one wins; a last
+    tag left open (the answer ran out of tokens) still counts, and so does the text before a
+    closing tag whose opening tag is missing. An answer with no tag at all is not trusted to
+    be a caption (it is usually a preamble or a refusal)."""
+    opened = OPEN_TAG.split(answer)
+    candidates = opened[1:] if len(opened) > 1 else CLOSE_TAG.split(answer)[:1] if CLOSE_TAG.search(answer) else []
+    for candidate in candidates:
+        text = " ".join(CLOSE_TAG.split(candidate)[0].split())
+        if text:
+            return text
+    return None
+
+
+def caption_folder(model, processor, root, captions, size, batch_size, max_new_tokens, rank=0, world_size=1):
+    """Long and short captions of this rank's contiguous share of the images, read again from
+    their files as the same centred square at size px (the stored images may be as small as
+    32 px). Returns (long, short, fallbacks) for the share; an answer with no caption keeps
+    the alt text and counts in fallbacks {"long": n, "short": n}."""
+    mine = shard(len(captions["alt"]), rank, world_size)
+    long, short, fallbacks = [], [], {"long": 0, "short": 0}
+    bar = tqdm(total=len(mine), desc="captioning", unit="img", disable=rank != 0)
+    for start in range(mine.start, mine.stop, batch_size):
+        batch = range(start, min(start + batch_size, mine.stop))
+        images = [read_square(Path(root) / captions["meta"][i]["file"], size) for i in batch]
+        for kind, prompt, out in (("long", LONG_PROMPT, long), ("short", SHORT_PROMPT, short)):
+            for i, answer in zip(batch, vlm_answers(model, processor, images, prompt, max_new_tokens)):
+                caption = parse_caption(answer)
+                fallbacks[kind] += caption is None
+                out.append(captions["alt"][i] if caption is None else caption)
+        bar.update(len(batch))
+    bar.close()
+    return long, short, fallbacks
+
+
+def load_captioner(source, device, stage):
+    """load_vlm, or stop with one line saying what is missing and how to provide it."""
+    try:
+        return load_vlm(source, device)
+    except ImportError as e:
+        sys.exit(f"{stage}: error: --captioner needs the transformers package ({e.name} is missing): "
+                 f"pip install transformers, or pass --captioner none")
+    except (OSError, ValueError) as e:
+        sys.exit(f"{stage}: error: cannot load the captioner {source!r} ({type(e).__name__}): download it where "
+                 f"the hub is reachable (hf download {source} --local-dir DIR) and pass --captioner DIR, "
+                 f"or --captioner none to keep the alt text")
 
 
 # ----------------------------------------------------------------------------- files
@@ -401,18 +522,49 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the shapes world")
     parser.add_argument("--images", help="folder of jpg/png/webp images (with --source folder)")
     parser.add_argument("--alt-file", help="alt text: JSON {file: text} or 'file<TAB>text' lines (else sidecar .txt)")
+    parser.add_argument("--captioner", default=DEFAULT_CAPTIONER,
+                        help="with --source folder: hub id or local folder of an image-text-to-text model, or none (keep the alt text)")
+    parser.add_argument("--caption-size", type=int, default=448, help="side in pixels of the square the captioner sees")
+    parser.add_argument("--caption-batch-size", type=int, default=8, help="images per generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer of the captioner, in tokens")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu: where the captioner runs")
     args = parser.parse_args()
     stage = "01_caption.py"
     if args.source == "shapes" and (args.n < 1 or args.size < 16 or args.size % 16):
         sys.exit(f"{stage}: error: --n must be >= 1 and --size a multiple of 16 (got {args.n}, {args.size})")
     if args.source == "folder" and not args.images:
         sys.exit(f"{stage}: error: --source folder needs --images DIR")
+    if min(args.caption_size, args.caption_batch_size, args.max_new_tokens) < 1:
+        sys.exit(f"{stage}: error: --caption-size, --caption-batch-size and --max-new-tokens must be >= 1")
     prepare_out(args.out, stage)
 
+    captioning = args.source == "folder" and args.captioner != "none"
+    rank, world_size = distributed(args.device) if captioning else (0, 1)
     if args.source == "shapes":
         images, captions = make_shapes(args.n, args.size, args.seed)
     else:
-        images, captions = load_folder(args.images, args.size, args.alt_file)
+        images, captions = load_folder(args.images, args.size, args.alt_file, verbose=rank == 0)
+        fallbacks = {"long": len(images), "short": len(images)}  # every caption is the alt text ...
+        if captioning:  # ... unless a model writes them: each rank captions its share, rank 0 gathers
+            name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+            if name == "cuda" and not torch.cuda.is_available():
+                sys.exit(f"{stage}: error: --device cuda but no CUDA device is available")
+            device = torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
+            model, processor = load_captioner(args.captioner, device, stage)
+            long, short, fallbacks = caption_folder(model, processor, args.images, captions, args.caption_size,
+                                                    args.caption_batch_size, args.max_new_tokens, rank, world_size)
+            parts = merge_parts({"long": long, "short": short, "fallbacks": fallbacks},
+                                os.path.join(args.out, "captions.pt"), rank, world_size)
+            if rank != 0:
+                return
+            captions["long"] = [c for part in parts for c in part["long"]]
+            captions["short"] = [c for part in parts for c in part["short"]]
+            fallbacks = {k: sum(part["fallbacks"][k] for part in parts) for k in ("long", "short")}
+            print(f"captioned {len(images)} images with {args.captioner}: {fallbacks['long']} long and "
+                  f"{fallbacks['short']} short answer(s) had no caption between <CAPTION> tags and keep the alt text")
+        else:
+            print("long and short captions keep the alt text (--captioner none)")
+        captions.update(captioner=args.captioner if captioning else None, fallbacks=fallbacks)
     captions.update(version=VERSION, config=file_config(args))
     save_atomic(images, os.path.join(args.out, "images.npy"))
     save_atomic(captions, os.path.join(args.out, "captions.pt"))

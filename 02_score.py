@@ -367,10 +367,44 @@ def load_imagereward(source, device):
 
 
 # -- VQAScore: P("Yes") from a vision-language model
+# VQAScore (Lin et al., 2024) asks a VLM 'Does this figure show "{caption}"? Please answer
+# yes or no.' and scores the probability of the answer "Yes". The paper used VQAScore's
+# CLIP-FlanT5-XXL (zhiqiulin/clip-flant5-xxl through the t2v_metrics package), an
+# encoder-decoder that transformers cannot load; its score is exp(-mean cross-entropy) of
+# the answer tokens "Yes" and "</s>", softmax over the whole vocabulary. For decoder-only
+# VLMs (Qwen2-VL, Gemma 3, ...) t2v_metrics takes the softmax over the whole vocabulary of
+# the first answer position and reads the first token of "Yes"; so does this loader, with
+# the captioner of 01_caption.py (Qwen2.5-VL-3B by default; google/gemma-3-12b-it works too).
+VQA_QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
+VQA_MIN_SIDE = 224  # smaller images (the 32 px shapes world) are upsampled so the VLM sees more than a few patches
+
+
+def load_vqascore(source, device):
+    """VQAScore from a transformers image-text-to-text model (not the paper's CLIP-FlanT5-XXL,
+    which transformers cannot load): fn(images uint8 [B, H, W, 3], captions) -> float32 [B],
+    P("Yes") in [0, 1], one forward pass per batch (left-padded, so every question ends at
+    the last position, whose logits predict the first answer token)."""
+    from PIL import Image
+    device = torch.device(device)
+    model, processor = world.load_vlm(source, device)
+    yes = processor.tokenizer.encode("Yes", add_special_tokens=False)[0]
+
+    @torch.no_grad()
+    def vqascore(images, captions):
+        pil = [Image.fromarray(np.asarray(image)) for image in images]
+        scales = [max(1.0, VQA_MIN_SIDE / min(im.size)) for im in pil]
+        pil = [im.resize((round(im.width * k), round(im.height * k)), Image.BICUBIC) for im, k in zip(pil, scales)]
+        questions = [VQA_QUESTION.format(caption) for caption in captions]
+        inputs = world.vlm_inputs(processor, pil, questions, model.device, model.dtype)
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()  # (B, V): the first answer token
+        return logits.softmax(-1)[:, yes].cpu()
+
+    return vqascore
 
 
 MODEL_REWARDS = {  # name -> (loader, default source)
     "imagereward": (load_imagereward, "THUDM/ImageReward"),
+    "vqascore": (load_vqascore, world.DEFAULT_CAPTIONER),
 }
 
 
