@@ -18,8 +18,9 @@ The registry REWARDS maps a name to a function (images uint8 [B, H, W, 3], capti
     python 02_score.py                            # all offline rewards, ~20 s for 20,000 images
     python 02_score.py --rewards alignment,sharpness --caption long
 
-The paper's reward models (section "the paper's reward models" below), loaded from their
-public checkpoints, or from a local copy with --checkpoint NAME=PATH_OR_ID:
+The registry MODEL_REWARDS holds the paper's reward models, loaded from their public
+checkpoints or a local copy (--checkpoint NAME=PATH_OR_ID); fp32 weights take 4 bytes a
+parameter, bf16 on CUDA 2:
 
     aesthetic  LAION improved aesthetic predictor on CLIP ViT-L/14   (0.43 B parameters)
     clip       CLIP score max(100 cos, 0), CLIP ViT-L/14              (0.43 B)
