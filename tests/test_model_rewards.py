@@ -23,7 +23,7 @@ CAPTIONS = ["a red circle", "two blue squares left of a green triangle " * 12, "
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """No test may reach the hub; huggingface_hub reads HF_HUB_OFFLINE once, at import."""
-    import huggingface_hub
+    import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
