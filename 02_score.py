@@ -18,11 +18,27 @@ The registry REWARDS maps a name to a function (images uint8 [B, H, W, 3], capti
     python 02_score.py                            # all offline rewards, ~20 s for 20,000 images
     python 02_score.py --rewards alignment,sharpness --caption long
 
+The registry MODEL_REWARDS holds the paper's reward models, loaded from their public
+checkpoints or a local copy (--checkpoint NAME=PATH_OR_ID); fp32 weights take 4 bytes a
+parameter, bf16 on CUDA 2:
+
+    aesthetic  LAION improved aesthetic predictor on CLIP ViT-L/14   (0.43 B parameters)
+    clip       CLIP score max(100 cos, 0), CLIP ViT-L/14              (0.43 B)
+    pickscore  PickScore, CLIP ViT-H/14                               (0.99 B)
+    sciscore   SciScore, CLIP ViT-H/14                                (0.99 B)
+    hpsv2      HPSv2.1, open_clip ViT-H/14                            (0.99 B)
+    jinaclip   the paper's jina-clip-v2: does not load under transformers 5, use clip
+
+    python 02_score.py --rewards aesthetic,clip,pickscore,hpsv2 --device cuda
+    python 02_score.py --rewards hpsv2 --checkpoint hpsv2=/data/HPS_v2.1_compressed.pt
+    torchrun --nproc_per_node 8 02_score.py --rewards pickscore   # each GPU a share of the images
+
 Reads OUT/images.npy and OUT/captions.pt; writes OUT/scores.pt (names, scores float32
 [N, R] with NaN where a reward failed on an image, dataset: the captions' fingerprint,
 version, config).
 """
 import argparse
+import functools
 import importlib
 import os
 import re
@@ -225,6 +241,156 @@ def load_or_explain(name, source, load):
 
 
 # -- CLIP-family rewards: aesthetic, clip, pickscore, sciscore, hpsv2, jinaclip
+# All read captions through CLIP's 77-token window (start + 75 + end): longer captions are
+# truncated, as in each model's published scoring code. Each model's own preprocessing
+# resizes the images to 224 px (a 32 px shapes image is upsampled).
+CLIP_L14 = "openai/clip-vit-large-patch14"  # the backbone of `aesthetic` and `clip`
+AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                 "sac+logos+ava1-l14-linearMSE.pth")
+
+
+def backbone_dtype(device):
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_checkpoint(source):
+    """A torch checkpoint from a local file, an https URL (cached by torch.hub) or 'org/repo/file' on the hub."""
+    if source.startswith("https://"):
+        return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
+    if not os.path.exists(source):
+        from huggingface_hub import hf_hub_download
+        repo, _, filename = source.rpartition("/")
+        source = hf_hub_download(repo, filename)
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def also_needs(what, model_id, load):
+    """load() a second download a reward needs; if it is missing, say which in one line
+    (load_or_explain names only the reward's own checkpoint)."""
+    try:
+        return load()
+    except OSError as e:
+        sys.exit(f"02_score.py: error: cannot load {what} {model_id!r} ({type(e).__name__}): "
+                 "download it where the hub is reachable (it is then read from the Hugging Face cache)")
+
+
+def hf_clip(source, processor_source, device):
+    """A transformers CLIPModel, every weight from the checkpoint (strict) -> (exp(logit_scale),
+    embed), embed(images uint8 [B, H, W, 3], captions or None) -> L2-normalised fp32 embeddings
+    (image [B, D], text [B, D] or None)."""
+    from PIL import Image
+    from transformers import AutoProcessor, CLIPModel
+    dtype = backbone_dtype(device)
+    model, info = CLIPModel.from_pretrained(source, output_loading_info=True)  # fp32
+    bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if bad:
+        raise RuntimeError(f"state_dict of {source} does not fit CLIPModel: {bad}")
+    scale = float(model.logit_scale.detach().exp())  # before the cast: from bf16, exp(4.6) is off by up to 1.6%
+    model.to(device, dtype).eval()
+    processor = also_needs("the processor", processor_source, lambda: AutoProcessor.from_pretrained(processor_source))
+
+    @torch.no_grad()
+    def embed(images, captions=None):
+        pixels = processor(images=[Image.fromarray(array) for array in images], return_tensors="pt").pixel_values
+        image = model.get_image_features(pixel_values=pixels.to(device, dtype)).pooler_output.float()
+        if captions is None:
+            return F.normalize(image, dim=-1), None
+        tokens = processor(text=list(captions), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        text = model.get_text_features(**tokens.to(device)).pooler_output.float()
+        return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    return scale, embed
+
+
+def load_aesthetic(source, device, backbone=CLIP_L14):
+    """LAION improved aesthetic predictor (sac+logos+ava1-l14-linearMSE): an MLP on the
+    L2-normalised CLIP ViT-L/14 image embedding, 768 -> 1024 -> 128 -> 64 -> 16 -> 1 with
+    dropouts and no activations (so a linear map), trained on 1-10 ratings. Ignores the caption."""
+    weights = load_checkpoint(source)  # first: a missing file is found before the backbone is loaded
+    _, embed = also_needs("the CLIP backbone", backbone, lambda: hf_clip(backbone, backbone, device))
+    head = torch.nn.ModuleDict({"layers": torch.nn.Sequential(  # keys layers.0/2/4/6/7, as published
+        torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))})
+    head.load_state_dict(weights)  # strict, fp32
+    head.to(device).eval()
+
+    @torch.no_grad()
+    def aesthetic(images, captions=None):
+        return head["layers"](embed(images)[0])[:, 0].cpu()
+    return aesthetic
+
+
+def load_clip(source, device):
+    """CLIP score (Hessel et al. 2021, in torchmetrics' form): max(100 cos(image, caption), 0), CLIP ViT-L/14."""
+    _, embed = hf_clip(source, source, device)
+
+    def clip_score(images, captions):
+        image, text = embed(images, captions)
+        return (100 * (image * text).sum(-1)).clamp(min=0).cpu()
+    return clip_score
+
+
+def load_pickscore(source, device, processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+    """PickScore (Kirstain et al. 2023): CLIP ViT-H/14 fine-tuned on Pick-a-Pic preferences;
+    score = exp(logit_scale) * cos(image, caption). Its processor is the base CLIP's."""
+    scale, embed = hf_clip(source, processor, device)
+
+    def preference(images, captions):
+        image, text = embed(images, captions)
+        return scale * (image * text).sum(-1).cpu()
+    return preference
+
+
+def load_sciscore(source, device):
+    """SciScore (Li et al. 2025): PickScore's recipe on Science-T2I; its processor ships with it."""
+    return load_pickscore(source, device, processor=source)
+
+
+def load_hpsv2(source, device, arch="ViT-H-14"):
+    """HPSv2.1 (Wu et al. 2023): open_clip ViT-H/14 fine-tuned on human preferences;
+    score = cos(image, caption) (no logit scale). Images go through HPSv2's
+    inference transform: the longest side fit to 224, then zero-padded to a square."""
+    import logging
+    import open_clip
+    from PIL import Image
+    dtype = backbone_dtype(device)
+    weights = load_checkpoint(source)["state_dict"]  # published as {"state_dict": ...}
+    logging.disable(logging.WARNING)  # open_clip warns that the model is random: its weights come next
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, image_resize_mode="longest")
+    logging.disable(logging.NOTSET)
+    model.load_state_dict(weights)  # strict
+    model.to(device, dtype).eval()
+    tokenizer = open_clip.get_tokenizer(arch)  # 77 tokens, longer captions truncated
+
+    @torch.no_grad()
+    def hps(images, captions):
+        pixels = torch.stack([preprocess(Image.fromarray(array)) for array in images]).to(device, dtype)
+        image = F.normalize(model.encode_image(pixels).float(), dim=-1)
+        text = F.normalize(model.encode_text(tokenizer(list(captions)).to(device)).float(), dim=-1)
+        return (image * text).sum(-1).cpu()
+    return hps
+
+
+def load_jinaclip(source, device):
+    """The paper's CLIP score, with jina-clip-v2 (its own text limit): 100 cos(image, caption).
+    NOT VERIFIED: its remote code imports create_position_ids_from_input_ids, which transformers 5
+    no longer has (it works up to 4.51), so here it stops with one line: use `clip` instead."""
+    from PIL import Image
+    from transformers import AutoModel, __version__
+    try:
+        model = AutoModel.from_pretrained(source, trust_remote_code=True, dtype=backbone_dtype(device)).to(device).eval()
+    except OSError:
+        raise  # not downloaded: load_or_explain says how to provide it
+    except Exception as e:  # its remote code fails to import or to build
+        reason = (str(e) or type(e).__name__).splitlines()[0]
+        sys.exit(f"02_score.py: error: reward jinaclip does not load under transformers {__version__} "
+                 f"({reason}): use --rewards clip instead")
+
+    @torch.no_grad()
+    def jina_score(images, captions):
+        image = torch.as_tensor(model.encode_image([Image.fromarray(array) for array in images])).float()
+        text = torch.as_tensor(model.encode_text(list(captions))).float()
+        return 100 * F.cosine_similarity(image, text, dim=-1)
+    return jina_score
 
 
 # -- ImageReward: BLIP ViT-L and a BERT with cross-attention, then an MLP
@@ -403,8 +569,14 @@ def load_vqascore(source, device):
 
 
 MODEL_REWARDS = {  # name -> (loader, default source)
+    "aesthetic": (load_aesthetic, AESTHETIC_URL),
+    "clip": (load_clip, CLIP_L14),
+    "pickscore": (load_pickscore, "yuvalkirstain/PickScore_v1"),
+    "hpsv2": (load_hpsv2, "xswu/HPSv2/HPS_v2.1_compressed.pt"),
     "imagereward": (load_imagereward, "THUDM/ImageReward"),
+    "sciscore": (load_sciscore, "Jialuo21/SciScore"),
     "vqascore": (load_vqascore, world.DEFAULT_CAPTIONER),
+    "jinaclip": (load_jinaclip, "jinaai/jina-clip-v2"),  # does not load under transformers 5: use clip
 }
 
 
@@ -429,16 +601,30 @@ def score(reward, images, captions, batch_size, desc=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt)")
-    parser.add_argument("--rewards", default=",".join(REWARDS), help=f"comma-separated, from: {', '.join(REWARDS)}")
+    parser.add_argument("--rewards", default=",".join(REWARDS),
+                        help=f"comma-separated, offline: {', '.join(REWARDS)}; models: {', '.join(MODEL_REWARDS)} "
+                             "(jinaclip does not load under transformers 5: use clip)")
     parser.add_argument("--caption", default="short", choices=["short", "long", "alt"], help="caption the rewards read")
-    parser.add_argument("--batch-size", type=int, default=1024, help="images per reward call")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH_OR_ID",
+                        help="where a model reward's weights are (repeatable); defaults: "
+                             + ", ".join(f"{name}={source}" for name, (_, source) in MODEL_REWARDS.items()))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for model rewards")
+    parser.add_argument("--batch-size", type=int, help="images per reward call (default 1024 offline, 32 for models)")
     args = parser.parse_args()
     stage = "02_score.py"
     names = [name.strip() for name in args.rewards.split(",") if name.strip()]
-    unknown = [name for name in names if name not in REWARDS]
+    unknown = [name for name in names if name not in REWARDS and name not in MODEL_REWARDS]
     if unknown or not names:
-        sys.exit(f"{stage}: error: unknown reward {', '.join(unknown) or '(none given)'}; known: {', '.join(REWARDS)}")
-    if args.batch_size < 1:
+        sys.exit(f"{stage}: error: unknown reward {', '.join(unknown) or '(none given)'}; "
+                 f"known: {', '.join([*REWARDS, *MODEL_REWARDS])}")
+    sources = {name: source for name, (_, source) in MODEL_REWARDS.items()}
+    for item in args.checkpoint:
+        name, _, source = item.partition("=")
+        if name not in MODEL_REWARDS or not source:
+            sys.exit(f"{stage}: error: --checkpoint {item!r} is not NAME=PATH_OR_ID with NAME one of "
+                     f"{', '.join(MODEL_REWARDS)}")
+        sources[name] = source
+    if args.batch_size is not None and args.batch_size < 1:
         sys.exit(f"{stage}: error: --batch-size must be >= 1")
     world.prepare_out(args.out, stage)
     images = world.load_images(os.path.join(args.out, "images.npy"), stage)
@@ -447,8 +633,27 @@ def main():
         sys.exit(f"{stage}: error: images.npy has {len(images)} images but captions.pt has "
                  f"{len(captions['short'])} captions: re-run 01_caption.py")
 
-    scores = torch.stack([score(REWARDS[name], images, captions[args.caption], args.batch_size, desc=name)
-                          for name in names], 1)  # (N, R)
+    # Under torchrun each rank scores a contiguous share; rank 0 merges the shares and writes.
+    rank, world_size = world.distributed(args.device)
+    if rank:
+        global tqdm  # progress bars from rank 0 only
+        tqdm = functools.partial(tqdm, disable=True)
+    share = world.shard(len(images), rank, world_size)
+    my_images, my_captions = images[share.start:share.stop], captions[args.caption][share.start:share.stop]
+    columns = []
+    for name in names:  # one model in memory at a time
+        if name in REWARDS:
+            reward, batch_size = REWARDS[name], args.batch_size or 1024
+        else:
+            loader, source = MODEL_REWARDS[name][0], sources[name]
+            reward = load_or_explain(name, source, lambda: loader(source, args.device))
+            batch_size = args.batch_size or 32
+        columns.append(score(reward, my_images, my_captions, batch_size, desc=name))
+        del reward
+    parts = world.merge_parts(torch.stack(columns, 1), os.path.join(args.out, "scores.pt"), rank, world_size)
+    if rank:
+        return
+    scores = torch.cat(parts)  # (N, R)
     out = {"names": names, "scores": scores, "dataset": world.dataset_id(captions), "version": VERSION,
            "config": world.file_config(args)}
     world.save_atomic(out, os.path.join(args.out, "scores.pt"))
