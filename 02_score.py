@@ -27,9 +27,11 @@ parameter, bf16 on CUDA 2:
     pickscore  PickScore, CLIP ViT-H/14                               (0.99 B)
     sciscore   SciScore, CLIP ViT-H/14                                (0.99 B)
     hpsv2      HPSv2.1, open_clip ViT-H/14                            (0.99 B)
+    imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention  (0.45 B)
+    vqascore   P("Yes") from a vision-language model, Qwen2.5-VL-3B    (3.75 B)
     jinaclip   the paper's jina-clip-v2: does not load under transformers 5, use clip
 
-    python 02_score.py --rewards aesthetic,clip,pickscore,hpsv2 --device cuda
+    python 02_score.py --rewards aesthetic,clip,pickscore,hpsv2,imagereward,sciscore,vqascore --device cuda
     python 02_score.py --rewards hpsv2 --checkpoint hpsv2=/data/HPS_v2.1_compressed.pt
     torchrun --nproc_per_node 8 02_score.py --rewards pickscore   # each GPU a share of the images
 
@@ -38,7 +40,6 @@ Reads OUT/images.npy and OUT/captions.pt; writes OUT/scores.pt (names, scores fl
 version, config).
 """
 import argparse
-import functools
 import importlib
 import os
 import re
@@ -580,11 +581,11 @@ MODEL_REWARDS = {  # name -> (loader, default source)
 }
 
 
-def score(reward, images, captions, batch_size, desc=None):
+def score(reward, images, captions, batch_size, desc=None, progress=True):
     """Run one reward over all images in batches: float32 [N], NaN where it failed.
     A batch that raises is retried image by image, so one bad image costs only itself."""
     out = torch.full((len(images),), float("nan"))
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
         batch, text = np.asarray(images[start:start + batch_size]), captions[start:start + batch_size]
         try:
             out[start:start + len(batch)] = reward(batch, text)
@@ -635,9 +636,6 @@ def main():
 
     # Under torchrun each rank scores a contiguous share; rank 0 merges the shares and writes.
     rank, world_size = world.distributed(args.device)
-    if rank:
-        global tqdm  # progress bars from rank 0 only
-        tqdm = functools.partial(tqdm, disable=True)
     share = world.shard(len(images), rank, world_size)
     my_images, my_captions = images[share.start:share.stop], captions[args.caption][share.start:share.stop]
     columns = []
@@ -648,7 +646,7 @@ def main():
             loader, source = MODEL_REWARDS[name][0], sources[name]
             reward = load_or_explain(name, source, lambda: loader(source, args.device))
             batch_size = args.batch_size or 32
-        columns.append(score(reward, my_images, my_captions, batch_size, desc=name))
+        columns.append(score(reward, my_images, my_captions, batch_size, desc=name, progress=rank == 0))
         del reward
     parts = world.merge_parts(torch.stack(columns, 1), os.path.join(args.out, "scores.pt"), rank, world_size)
     if rank:
