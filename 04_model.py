@@ -43,6 +43,7 @@ forward/backward check and a check that every reward level changes the output.
 """
 import argparse
 import functools
+import logging
 import math
 import os
 import sys
@@ -225,7 +226,11 @@ class FrozenOpenCLIP:
 
     def __init__(self, name, pretrained):
         quick_gelu = open_clip.get_pretrained_cfg(name, pretrained or "").get("quick_gelu", False)  # OpenAI's
-        model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+        logging.disable(logging.ERROR)  # open_clip logs a failed download before raising it: one line is ours
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+        finally:
+            logging.disable(logging.NOTSET)
         if getattr(model, "attn_mask", None) is None:  # a HF or bidirectional text tower
             sys.exit(f"{SCRIPT}: error: openclip:{name}: only CLIP models with open_clip's own causal text "
                      "transformer are supported (e.g. ViT-L-14, ViT-H-14, ViT-bigG-14)")
@@ -286,8 +291,10 @@ def frozen_text_encoder(spec):
     except (OSError, ValueError, RuntimeError) as e:
         if "state_dict" in str(e):
             raise  # wrong keys in a checkpoint are a real error, not a missing download
-        local = "t5:/path/to/folder" if kind == "t5" else f"openclip:{name}:/path/to/open_clip_pytorch_model.bin"
-        sys.exit(f"{SCRIPT}: error: cannot load text encoder {spec!r} ({type(e).__name__}: {str(e)[:100]!r}): "
+        local = "t5:/path/to/folder" if kind == "t5" else (f"openclip:{'ARCH' if ':' in name else name}:/path/to/"
+                                                         "open_clip_pytorch_model.bin (or openclip:local-dir:FOLDER)")
+        reason = " ".join(str(e).split()).split(". ")[0][:160]  # its first sentence, on one line
+        sys.exit(f"{SCRIPT}: error: cannot load text encoder {spec!r} ({type(e).__name__}: {reason}): "
                  f"download it where the hub is reachable, or pass a local path: --text-encoder {local}")
     encoder.model.eval().requires_grad_(False)  # frozen: no dropout, no gradients, never in an optimizer
     encoder.last_ids = None
