@@ -27,7 +27,9 @@ copying noise into its guess of x; F learns the rest, a unit-variance target at 
 
 Text: by default a small trainable transformer over open_clip's CLIP BPE tokenizer
 (offline, no download). The denoiser only sees `encode_text`'s output, (B, L, latent_dim)
-tokens and a (B, L) mask, so a frozen pretrained encoder can replace it.
+tokens and a (B, L) mask, so a frozen pretrained encoder can replace it, as the paper's
+does (`05_train.py --text-encoder`): open_clip's CLIP text tower or a T5 encoder, each with
+its own tokenizer, and a trained linear map from its width to latent_dim.
 
 OfficialNetwork wraps the released MIRO network (pip install miro-t2i einops) at the same
 shape, for the side-by-side timing of `05_train.py --benchmark --official`.
@@ -40,7 +42,11 @@ FLOPs of sampling one image with 50 Euler steps and multi-reward CFG, and runs a
 forward/backward check and a check that every reward level changes the output.
 """
 import argparse
+import functools
+import logging
 import math
+import os
+import sys
 
 import open_clip
 import torch
@@ -61,6 +67,7 @@ PRESETS = {
                   num_layers=4, heads=16, text_dim=512, text_layers=6, text_len=77),
 }
 VOCAB_SIZE = 49408  # open_clip's CLIP BPE vocabulary; 0 pads, 49406 starts, 49407 ends a caption
+SCRIPT = os.path.basename(sys.argv[0])  # the stage running this code, for its error lines
 
 
 # ----------------------------------------------------------------------------- layers
@@ -185,8 +192,11 @@ def embedder(dim, freq_dim=256):
 _TOKENIZER = None
 
 
-def tokenize(texts, length):
-    """Captions -> int64 (B, length) CLIP BPE ids (open_clip's vocabulary ships with it, offline)."""
+def tokenize(texts, length, text_encoder="own"):
+    """Captions -> int64 (B, length) ids: CLIP BPE for the own encoder (open_clip's vocabulary ships
+    with it, offline), else the frozen encoder's own tokenizer."""
+    if text_encoder != "own":
+        return frozen_text_encoder(text_encoder).tokenize(texts, length)
     global _TOKENIZER
     _TOKENIZER = _TOKENIZER or open_clip.tokenizer.SimpleTokenizer()
     return _TOKENIZER(list(texts), context_length=length)
@@ -210,14 +220,109 @@ class TextEncoder(nn.Module):
         return self.norm(x), mask
 
 
+class FrozenOpenCLIP:
+    """The text tower of an open_clip CLIP. Token states: the per-token output of its final layer norm
+    (CLIP's text embedding is the end token's state, projected)."""
+
+    def __init__(self, name, pretrained):
+        quick_gelu = open_clip.get_pretrained_cfg(name, pretrained or "").get("quick_gelu", False)  # OpenAI's
+        logging.disable(logging.ERROR)  # open_clip logs a failed download before raising it: one line is ours
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+        finally:
+            logging.disable(logging.NOTSET)
+        if getattr(model, "attn_mask", None) is None:  # a HF or bidirectional text tower
+            sys.exit(f"{SCRIPT}: error: openclip:{name}: only CLIP models with open_clip's own causal text "
+                     "transformer are supported (e.g. ViT-L-14, ViT-H-14, ViT-bigG-14)")
+        del model.visual  # text only (ViT-H-14's image tower is 632M parameters)
+        self.model, self.tokenizer, self.width = model, open_clip.get_tokenizer(name), model.transformer.width
+
+    def tokenize(self, texts, length):
+        if length > self.model.context_length:
+            sys.exit(f"{SCRIPT}: error: text_len {length} is longer than CLIP's {self.model.context_length} positions")
+        return self.tokenizer(list(texts), context_length=length)  # start, BPE ids, end, then zeros
+
+    def __call__(self, ids):
+        """ids (B, L) -> states (B, L, width), mask (B, L): True up to and including the end token."""
+        model, L = self.model, ids.shape[1]
+        x = model.token_embedding(ids) + model.positional_embedding[:L]
+        # causal attention: no token sees the padding after it, so L < 77 positions give the same states
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:L, :L]))
+        end = (ids == self.tokenizer.eot_token_id).int().argmax(1)  # (B,)
+        return x, torch.arange(L, device=ids.device) <= end[:, None]
+
+
+class FrozenT5:
+    """A T5 encoder (transformers). Token states: the encoder's last hidden state."""
+
+    def __init__(self, source):
+        from transformers import AutoTokenizer, T5EncoderModel  # lazy: the default path never needs them
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model, info = T5EncoderModel.from_pretrained(source, output_loading_info=True)  # drops the decoder
+        if info["missing_keys"]:  # strict: a missing weight would silently stay random
+            raise RuntimeError(f"{source}: missing keys in the state_dict: {sorted(info['missing_keys'])[:3]}")
+        self.width = self.model.config.d_model
+
+    def tokenize(self, texts, length):  # words, </s>, then <pad>
+        return self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def __call__(self, ids):
+        mask = ids != self.tokenizer.pad_token_id  # (B, L) the tokenizer's attention mask
+        return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state, mask
+
+
+@functools.lru_cache(maxsize=None)
+def frozen_text_encoder(spec):
+    """'openclip:ARCH[:PRETRAINED_OR_PATH]', 'openclip:local-dir:FOLDER' or 't5:ID_OR_PATH' -> the encoder,
+    loaded once per process and shared by every TextRIN that names it (a model and its EMA copy)."""
+    kind, _, source = spec.partition(":")
+    name, _, pretrained = source.partition(":")
+    if name in ("local-dir", "hf-hub"):  # open_clip's folder (or hub repo) of config and weights
+        name, pretrained = source, None
+    try:
+        if kind == "t5" and source:
+            encoder = FrozenT5(source)
+        elif kind == "openclip" and source:  # no PRETRAINED: open_clip's first listed weights for ARCH
+            encoder = FrozenOpenCLIP(name, pretrained or (open_clip.list_pretrained_tags_by_model(name) or [None])[0])
+        else:
+            sys.exit(f"{SCRIPT}: error: unknown text encoder {spec!r}: own, openclip:ARCH[:PRETRAINED_OR_PATH] "
+                     "(e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl)")
+    except (OSError, ValueError, RuntimeError) as e:
+        if "state_dict" in str(e):
+            raise  # wrong keys in a checkpoint are a real error, not a missing download
+        local = "t5:/path/to/folder" if kind == "t5" else (f"openclip:{'ARCH' if ':' in name else name}:/path/to/"
+                                                         "open_clip_pytorch_model.bin (or openclip:local-dir:FOLDER)")
+        reason = " ".join(str(e).split()).split(". ")[0][:160]  # its first sentence, on one line
+        sys.exit(f"{SCRIPT}: error: cannot load text encoder {spec!r} ({type(e).__name__}: {reason}): "
+                 f"download it where the hub is reachable, or pass a local path: --text-encoder {local}")
+    encoder.model.eval().requires_grad_(False)  # frozen: no dropout, no gradients, never in an optimizer
+    encoder.last_ids = None
+    return encoder
+
+
+@torch.compiler.disable  # eager, outside a compiled graph: it has no backward, and the memo is plain Python
+@torch.no_grad()
+def frozen_states(spec, ids):
+    """ids (B, L) -> the frozen encoder's states (B, L, width) and mask (B, L), without autograd.
+    Not a submodule of TextRIN (so in none of its parameters, state dict or .to()), the encoder moves to
+    the ids' device here, bf16 on CUDA. Both passes of a training step (05_train.py) hand over the same
+    ids tensor: the last result is kept, so the states are computed once per batch."""
+    encoder = frozen_text_encoder(spec)
+    if encoder.last_ids is not ids:
+        encoder.model.to(ids.device, torch.bfloat16 if ids.device.type == "cuda" else torch.float32)
+        encoder.last_ids, encoder.last = ids, encoder(ids)
+    return encoder.last
+
+
 # ----------------------------------------------------------------------------- the network
 class TextRIN(nn.Module):
     """v = net(x_t, t, reward levels, caption): the velocity of paper eq. 2, and the latents."""
 
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
-                 heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5):
+                 heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own"):
         super().__init__()
-        self.sigma_data = sigma_data
+        self.sigma_data, self.text_encoder = sigma_data, text_encoder
         self.image_size, self.patch_size, self.num_rewards, self.text_len = image_size, patch_size, num_rewards, text_len
         num_patches, patch_values = (image_size // patch_size) ** 2, 3 * patch_size ** 2
         # interface: patches in and out
@@ -235,7 +340,10 @@ class TextRIN(nn.Module):
         if num_rewards:
             self.reward_embed = embedder(latent_dim)
             self.reward_id = nn.Parameter(torch.randn(num_rewards, latent_dim) * 0.5)  # which reward a token is
-        self.text = TextEncoder(text_dim, text_layers, heads, text_len)
+        if text_encoder == "own":  # trained with the denoiser
+            self.text = TextEncoder(text_dim, text_layers, heads, text_len)
+        else:  # frozen and pretrained (text_dim, text_layers unused): only the projection below is trained
+            text_dim = frozen_text_encoder(text_encoder).width
         self.text_proj = nn.Linear(text_dim, latent_dim)
         self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads) for _ in range(num_blocks))
         for module in self.modules():
@@ -246,9 +354,12 @@ class TextRIN(nn.Module):
         nn.init.zeros_(self.prev_proj.weight)
 
     def encode_text(self, ids):
-        """ids (B, L) -> text tokens (B, L, latent_dim), mask (B, L). Swap this for a frozen encoder."""
-        tokens, mask = self.text(ids)
-        return self.text_proj(tokens), mask
+        """ids (B, L) -> text tokens (B, L, latent_dim), mask (B, L): all the denoiser sees of the caption."""
+        if self.text_encoder == "own":
+            tokens, mask = self.text(ids)                              # (B, L, text_dim)
+        else:
+            tokens, mask = frozen_states(self.text_encoder, ids)       # (B, L, width), no gradient
+        return self.text_proj(tokens.to(self.text_proj.weight.dtype)), mask
 
     def condition(self, t, levels, text_tokens, text_mask):
         """The conditioning tokens (B, 1 + R + L, latent_dim) and their mask."""
@@ -322,7 +433,7 @@ def dummy_inputs(model_args, batch, device="cpu"):
     """Random inputs of the right shapes: x_t, t, levels, text ids."""
     size, R = model_args["image_size"], model_args["num_rewards"]
     ids = tokenize(["a red circle at the top left and a blue square at the bottom right."] * batch,
-                   model_args["text_len"]).to(device)
+                   model_args["text_len"], model_args.get("text_encoder", "own")).to(device)
     return (torch.randn(batch, 3, size, size, device=device), torch.rand(batch, device=device),
             torch.rand(batch, R, device=device), ids)
 

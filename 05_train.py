@@ -16,6 +16,7 @@ mixes the original alt text with synthetic long and short captions.
     python 05_train.py --rewards none --run baseline        # the same model without rewards
     python 05_train.py --rewards colourfulness --run only_colourfulness
     python 05_train.py --run miro --resume --steps 4000     # continue a run from its checkpoint
+    python 05_train.py --text-encoder t5:google/flan-t5-base --run t5   # a frozen pretrained text encoder
     torchrun --nproc_per_node 8 05_train.py --preset small --compile --run-name small
                         # (torchrun reads "--run" as its own --run-path: say --run-name)
     python 05_train.py --benchmark --official               # train-step images/s and MFU, vs the released net
@@ -77,7 +78,7 @@ def flow_matching_loss(model, x, eps, t, levels, ids, self_cond):
 
 
 # ----------------------------------------------------------------------------- data
-def load_data(out, reward_spec, captions_mode, text_len):
+def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
     """Images (memory-mapped), token ids per caption kind, reward levels in [0, 1] and names."""
     images = world.load_images(os.path.join(out, "images.npy"), STAGE)
     captions = world.load_pt(os.path.join(out, "captions.pt"), ["alt", "long", "short"], STAGE, "01_caption.py")
@@ -95,7 +96,7 @@ def load_data(out, reward_spec, captions_mode, text_len):
     columns = [list(bins["names"]).index(name) for name in names]
     levels = bins["bins"][:, columns].float() / (bins["num_bins"] - 1)  # (N, R) in [0, 1]
     kinds = ["alt", "long", "short"] if captions_mode == "mix" else [captions_mode]
-    ids = torch.stack([net.tokenize(captions[kind], text_len) for kind in kinds])  # (kinds, N, L)
+    ids = torch.stack([net.tokenize(captions[kind], text_len, text_encoder) for kind in kinds])  # (kinds, N, L)
     return images, ids, levels, names, bins
 
 
@@ -123,7 +124,7 @@ def get_batch(step, args, data, rank, world_size, device):
     kind = torch.randint(len(ids), (len(idx),), generator=generator)  # alt, long or short, for --captions mix
     batch_ids = ids[kind, idx]                                          # (B, L)
     drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
-    batch_ids[drop] = net.tokenize([""], batch_ids.shape[1])
+    batch_ids[drop] = net.tokenize([""], batch_ids.shape[1], args.text_encoder)
     return x, batch_ids.to(device), levels[idx].to(device), torch.Generator(device).manual_seed(seed)
 
 
@@ -234,10 +235,14 @@ def train(args):
             sys.exit(f"{STAGE}: error: --resume: no checkpoint at {ckpt_path}: train without --resume first")
         checkpoint = world.load_pt(ckpt_path, ["model", "ema", "optimizer", "step", "model_args"], STAGE, STAGE)
     model_args = checkpoint["model_args"] if checkpoint else None
+    trained_with = model_args.get("text_encoder", "own") if model_args else args.text_encoder
+    if trained_with != args.text_encoder:
+        sys.exit(f"{STAGE}: error: --resume: the run was trained with --text-encoder {trained_with}, "
+                 f"not {args.text_encoder}")
     text_len = model_args["text_len"] if model_args else net.PRESETS[args.preset]["text_len"]
-    images, ids, levels, names, bins = load_data(args.out, args.rewards, args.captions, text_len)
-    if model_args is None:
-        model_args = dict(net.PRESETS[args.preset], num_rewards=len(names))
+    images, ids, levels, names, bins = load_data(args.out, args.rewards, args.captions, text_len, args.text_encoder)
+    if model_args is None:  # the checkpoint records the text encoder, so 06/07 rebuild (and reload) it
+        model_args = dict(net.PRESETS[args.preset], num_rewards=len(names), text_encoder=args.text_encoder)
     if model_args["image_size"] != images.shape[1]:
         sys.exit(f"{STAGE}: error: preset {args.preset} is {model_args['image_size']} px but images.npy holds "
                  f"{images.shape[1]} px images: pick another --preset or re-run 01_caption.py --size")
@@ -266,8 +271,8 @@ def train(args):
     if rank == 0:
         params = sum(p.numel() for p in raw_model.parameters())
         print(f"run {args.run}: {args.preset} TextRIN {params / 1e6:.1f}M params, rewards {names or 'none (baseline)'}, "
-              f"captions {args.captions}, {len(images)} images, batch {args.batch_size} on {world_size} x {device}, "
-              f"steps {step} -> {args.stop_at or args.steps}")
+              f"captions {args.captions}, text {args.text_encoder}, {len(images)} images, batch {args.batch_size} on "
+              f"{world_size} x {device}, steps {step} -> {args.stop_at or args.steps}")
         kept = []  # the log keeps exactly the steps the checkpoint has seen
         if checkpoint and os.path.exists(log_path):
             with open(log_path) as f:
@@ -425,6 +430,9 @@ def main():
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights kept for sampling")
     parser.add_argument("--self-cond", type=float, default=0.9, help="probability of latent self-conditioning")
+    parser.add_argument("--text-encoder", default="own", help="own (a small transformer trained with the net) or "
+                        "frozen: openclip:ARCH[:PRETRAINED_OR_PATH] (e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or "
+                        "t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl); only a projection of it is trained")
     parser.add_argument("--text-drop", type=float, default=0.1, help="probability of an empty caption (text CFG)")
     parser.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],

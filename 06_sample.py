@@ -104,7 +104,7 @@ class Guided:
     def __init__(self, model, ids, s_plus, s_minus, cfg, neg_text="keep"):
         B = len(ids)
         drop = neg_text == "drop" or model.num_rewards == 0
-        neg_ids = net.tokenize([""], ids.shape[1]).to(ids.device).expand(B, -1) if drop else ids
+        neg_ids = net.tokenize([""], ids.shape[1], model.text_encoder).to(ids.device).expand(B, -1) if drop else ids
         self.model, self.cfg, self.guided = model, cfg, cfg != 0
         ids2 = torch.cat([ids, neg_ids]) if self.guided else ids
         self.tokens, self.mask = model.encode_text(ids2)  # text is encoded once for all steps
@@ -157,7 +157,7 @@ def generate(model, prompts, s_plus, s_minus, cfg, seed, steps=50, method="euler
     """uint8 images (N, H, W, 3) for N prompts and targets (N, R); image i's noise comes from
     (seed, i) alone, so an image does not depend on the batch it was drawn in."""
     size, R = model.image_size, model.num_rewards
-    ids = net.tokenize(prompts, model.text_len)
+    ids = net.tokenize(prompts, model.text_len, model.text_encoder)
     s_plus, s_minus = (torch.as_tensor(s, dtype=torch.float32).reshape(len(prompts), R) for s in (s_plus, s_minus))
     noise = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
                          for i in range(len(prompts))])
