@@ -27,9 +27,10 @@ copying noise into its guess of x; F learns the rest, a unit-variance target at 
 
 Text: by default a small trainable transformer over open_clip's CLIP BPE tokenizer
 (offline, no download). The denoiser only sees `encode_text`'s output, (B, L, latent_dim)
-tokens and a (B, L) mask, so a frozen pretrained encoder can replace it, as the paper's
-does (`05_train.py --text-encoder`): open_clip's CLIP text tower or a T5 encoder, each with
-its own tokenizer, and a trained linear map from its width to latent_dim.
+tokens and a (B, L) mask, so a frozen pretrained encoder can replace it
+(`05_train.py --text-encoder`; the released MIRO uses google/flan-t5-xl): open_clip's CLIP
+text tower or a T5 encoder, each with its own tokenizer, and a trained linear map from its
+width to latent_dim.
 
 OfficialNetwork wraps the released MIRO network (pip install miro-t2i einops) at the same
 shape, for the side-by-side timing of `05_train.py --benchmark --official`.
