@@ -397,19 +397,6 @@ def caption_folder(model, processor, root, captions, size, batch_size, max_new_t
     return long, short, fallbacks
 
 
-def load_captioner(source, device, stage):
-    """load_vlm, or stop with one line saying what is missing and how to provide it."""
-    try:
-        return load_vlm(source, device)
-    except ImportError as e:
-        sys.exit(f"{stage}: error: --captioner needs the transformers package ({e.name} is missing): "
-                 f"pip install transformers, or pass --captioner none")
-    except (OSError, ValueError) as e:
-        sys.exit(f"{stage}: error: cannot load the captioner {source!r} ({type(e).__name__}): download it where "
-                 f"the hub is reachable (hf download {source} --local-dir DIR) and pass --captioner DIR, "
-                 f"or --captioner none to keep the alt text")
-
-
 # ----------------------------------------------------------------------------- files
 def prepare_out(out, stage):
     """Make --out and check that it is writable, before any work is done."""
@@ -420,6 +407,19 @@ def prepare_out(out, stage):
         probe.unlink()
     except OSError as e:
         sys.exit(f"{stage}: error: cannot write to --out {out}: {e.strerror or e}")
+
+
+def load_or_explain(stage, what, source, load, provide):
+    """Call load(); if the model cannot be found (not downloaded, no hub), stop with one line
+    naming it and saying how to provide it. Wrong weights in a checkpoint (an error that
+    names the state_dict) are a real error and go through."""
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "state_dict" in str(e):
+            raise
+        sys.exit(f"{stage}: error: cannot load {what} {source!r} ({type(e).__name__}): download it where the "
+                 f"hub is reachable and {provide}")
 
 
 def file_config(args):
@@ -550,7 +550,9 @@ def main():
             if name == "cuda" and not torch.cuda.is_available():
                 sys.exit(f"{stage}: error: --device cuda but no CUDA device is available")
             device = torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
-            model, processor = load_captioner(args.captioner, device, stage)
+            model, processor = load_or_explain(
+                stage, "the captioner", args.captioner, lambda: load_vlm(args.captioner, device),
+                f"pass --captioner DIR (hf download {args.captioner} --local-dir DIR), or --captioner none")
             long, short, fallbacks = caption_folder(model, processor, args.images, captions, args.caption_size,
                                                     args.caption_batch_size, args.max_new_tokens, rank, world_size)
             parts = merge_parts({"long": long, "short": short, "fallbacks": fallbacks},

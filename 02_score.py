@@ -230,15 +230,8 @@ REWARDS = {"alignment": alignment, "sharpness": sharpness, "low_noise": low_nois
 # returns a function with the contract of REWARDS: (images uint8 [B, H, W, 3], captions)
 # -> float32 [B]. Backbones may run in bf16 on CUDA; heads and scores are fp32.
 def load_or_explain(name, source, load):
-    """Call load(); if the weights cannot be found, stop with one line saying how to provide them."""
-    try:
-        return load()
-    except (OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "state_dict" in str(e):
-            raise  # wrong keys in a checkpoint are a real error, not a missing download
-        sys.exit(f"02_score.py: error: cannot load the weights of reward {name} from {source!r} "
-                 f"({type(e).__name__}): download them where the hub is reachable and pass "
-                 f"--checkpoint {name}=LOCAL_PATH")
+    """load() a reward's model, or stop with one line saying how to provide its weights."""
+    return world.load_or_explain("02_score.py", f"reward {name}", source, load, f"pass --checkpoint {name}=LOCAL_PATH")
 
 
 # -- CLIP-family rewards: aesthetic, clip, pickscore, sciscore, hpsv2, jinaclip
@@ -266,13 +259,8 @@ def load_checkpoint(source):
 
 
 def also_needs(what, model_id, load):
-    """load() a second download a reward needs; if it is missing, say which in one line
-    (load_or_explain names only the reward's own checkpoint)."""
-    try:
-        return load()
-    except OSError as e:
-        sys.exit(f"02_score.py: error: cannot load {what} {model_id!r} ({type(e).__name__}): "
-                 "download it where the hub is reachable (it is then read from the Hugging Face cache)")
+    """load() a second download a reward needs (a backbone, a processor), naming it if it is missing."""
+    return world.load_or_explain("02_score.py", what, model_id, load, "it is then read from the Hugging Face cache")
 
 
 def hf_clip(source, processor_source, device):
