@@ -68,7 +68,6 @@ def sample_scene(rng, size):
     """A random scene: 1-4 objects in distinct cells of a 2x2 layout, with jitter and sizes."""
     n_objects = int(rng.integers(1, 5))
     cells = rng.permutation(len(CELLS))[:n_objects]
-    cell_px = size / 2
     objects = []
     for i, cell_index in enumerate(cells):
         if i > 0 and rng.random() < 0.4:  # repeat an earlier colour+kind, so that counts > 1 occur
@@ -76,14 +75,19 @@ def sample_scene(rng, size):
             colour, kind = earlier["colour"], earlier["kind"]
         else:
             colour, kind = str(rng.choice(list(COLOURS))), str(rng.choice(KINDS))
-        row, col = CELLS[cell_index]
-        diameter = float(rng.uniform(0.6, 0.8) * cell_px)
-        slack = (cell_px - diameter) / 2 - size / 32  # keep a pixel of margin inside the cell
-        cx = (col + 0.5) * cell_px + float(rng.uniform(-slack, slack))
-        cy = (row + 0.5) * cell_px + float(rng.uniform(-slack, slack))
-        objects.append({"kind": kind, "colour": colour, "row": row, "col": col,
-                        "cx": cx, "cy": cy, "diameter": diameter})
+        objects.append(place(kind, colour, CELLS[cell_index], size, rng))
     return {"objects": objects, "relation": sample_relation(rng, objects)}
+
+
+def place(kind, colour, cell, size, rng):
+    """One object in a cell (row, col) of the 2x2 layout, 60-80% of the cell wide, jittered."""
+    row, col = cell
+    cell_px = size / 2
+    diameter = float(rng.uniform(0.6, 0.8) * cell_px)
+    slack = (cell_px - diameter) / 2 - size / 32  # keep a pixel of margin inside the cell
+    cx = (col + 0.5) * cell_px + float(rng.uniform(-slack, slack))
+    cy = (row + 0.5) * cell_px + float(rng.uniform(-slack, slack))
+    return {"kind": kind, "colour": colour, "row": row, "col": col, "cx": cx, "cy": cy, "diameter": diameter}
 
 
 def sample_relation(rng, objects):

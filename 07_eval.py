@@ -19,8 +19,8 @@ Each prompt is stored in GenEval's metadata schema: {"tag": task, "prompt": text
 include]}], "exclude": [{"class", "count"}]}. One departure from GenEval: position
 also checks the two colours, because the shapes world names an object in a relation by
 colour and kind (see geneval_prompts). Every prompt fits the 2x2 layout (at most
-four objects, one per cell), and scene_for builds a scene that satisfies it: its clean
-render is judged right, which is what the tests check.
+four objects, one per cell): the tests render a scene for each prompt and check that the
+judge calls it right.
 
 The report compares runs (rows) on every reward and every task, each number the mean
 ± std over sampling seeds at the top reward target s+ = 1, s- = 0 with guidance w (text
@@ -119,44 +119,6 @@ def geneval_prompts(per_task=PER_TASK, seed=0):
             exclude = [{"class": include[0]["class"], "count": include[0]["count"] + 1}] if task == "counting" else []
             metas.append({"tag": task, "prompt": prompt_of(task, include), "include": include, "exclude": exclude})
     return metas
-
-
-# ----------------------------------------------------------------------------- a scene that is right
-def place(kind, colour, cell, size, rng):
-    """One object in a cell of the 2x2 layout, sized and jittered as world.sample_scene does."""
-    row, col = cell
-    cell_px = size / 2
-    diameter = float(rng.uniform(0.6, 0.8) * cell_px)
-    slack = (cell_px - diameter) / 2 - size / 32  # keep a pixel of margin inside the cell
-    cx = (col + 0.5) * cell_px + float(rng.uniform(-slack, slack))
-    cy = (row + 0.5) * cell_px + float(rng.uniform(-slack, slack))
-    return {"kind": kind, "colour": colour, "row": row, "col": col, "cx": cx, "cy": cy, "diameter": diameter}
-
-
-def scene_for(meta, size, rng, tries=100):
-    """A scene that satisfies a prompt: its include objects in distinct random cells (colours
-    not asked for drawn at random), re-drawn until every position holds. Nothing excluded."""
-    groups = [[item.get("color") or str(rng.choice(list(world.COLOURS))) for _ in range(item["count"])]
-              for item in meta["include"]]  # per include item, the colour of each of its objects
-    n_objects = sum(map(len, groups))
-    if n_objects > len(world.CELLS):
-        sys.exit(f"07_eval: error: prompt {meta['prompt']!r} needs {n_objects} objects; the layout holds {len(world.CELLS)}")
-    for _ in range(tries):
-        cells = iter(rng.permutation(len(world.CELLS)))
-        placed = [[place(item["class"], colour, world.CELLS[next(cells)], size, rng) for colour in colours]
-                  for item, colours in zip(meta["include"], groups)]
-        if all(rewards.holds(o, item["position"][0], t, size) for item, group in zip(meta["include"], placed)
-               if "position" in item for o in group for t in placed[item["position"][1]]):
-            break
-    else:
-        sys.exit(f"07_eval: error: no placement on the 2x2 layout satisfies {meta['prompt']!r}")
-    relation = None
-    for item, group in zip(meta["include"], placed):
-        if "position" in item:
-            target = placed[item["position"][1]][0]
-            relation = {"a": [group[0]["colour"], group[0]["kind"]], "word": item["position"][0],
-                        "b": [target["colour"], target["kind"]]}
-    return {"objects": [o for group in placed for o in group], "relation": relation}
 
 
 # ----------------------------------------------------------------------------- the judge

@@ -10,6 +10,30 @@ world, scoring, ev = stage("01_caption"), stage("02_score"), stage("07_eval")
 SIZE = 32
 
 
+def scene_for(meta, size, rng, tries=100):
+    """A scene that satisfies a prompt: its include objects in distinct random cells (colours
+    not asked for drawn at random), re-drawn until every position holds. Nothing excluded."""
+    groups = [[item.get("color") or str(rng.choice(list(world.COLOURS))) for _ in range(item["count"])]
+              for item in meta["include"]]  # per include item, the colour of each of its objects
+    assert sum(map(len, groups)) <= len(world.CELLS), meta["prompt"]
+    for _ in range(tries):
+        cells = iter(rng.permutation(len(world.CELLS)))
+        placed = [[world.place(item["class"], colour, world.CELLS[next(cells)], size, rng) for colour in colours]
+                  for item, colours in zip(meta["include"], groups)]
+        if all(scoring.holds(o, item["position"][0], t, size) for item, group in zip(meta["include"], placed)
+               if "position" in item for o in group for t in placed[item["position"][1]]):
+            break
+    else:
+        raise AssertionError(f"no placement on the 2x2 layout satisfies {meta['prompt']!r}")
+    relation = None
+    for item, group in zip(meta["include"], placed):
+        if "position" in item:
+            target = placed[item["position"][1]][0]
+            relation = {"a": [group[0]["colour"], group[0]["kind"]], "word": item["position"][0],
+                        "b": [target["colour"], target["kind"]]}
+    return {"objects": [o for group in placed for o in group], "relation": relation}
+
+
 @pytest.fixture(scope="module")
 def metas():
     return ev.geneval_prompts()
@@ -18,7 +42,7 @@ def metas():
 @pytest.fixture(scope="module")
 def scenes(metas):
     rng = np.random.default_rng(5)
-    return [ev.scene_for(m, SIZE, rng) for m in metas]
+    return [scene_for(m, SIZE, rng) for m in metas]
 
 
 def renders(scenes, size=SIZE):
@@ -94,7 +118,7 @@ def test_clean_renders_of_right_scenes_score_one(metas, scenes):
 def test_right_scenes_at_64_px():
     metas = ev.geneval_prompts(per_task=4, seed=2)
     rng = np.random.default_rng(6)
-    images = renders([ev.scene_for(m, 64, rng) for m in metas], 64)
+    images = renders([scene_for(m, 64, rng) for m in metas], 64)
     assert all(ev.correctness(images, metas))
 
 
@@ -113,7 +137,7 @@ def wrong_versions(meta, scene, rng):
     if meta["tag"] == "counting":
         edits.append(objects[1:])  # one too few
         if free:  # one too many: the exclude item
-            edits.append(objects + [ev.place(objects[0]["kind"], "red", free[0], SIZE, rng)])
+            edits.append(objects + [world.place(objects[0]["kind"], "red", free[0], SIZE, rng)])
     if meta["tag"] == "position":  # the two objects swap places
         a, b = objects
         where = ("row", "col", "cx", "cy")
