@@ -251,12 +251,16 @@ def speedup(miro_evals, base_evals, metric):
             "speedup": base_steps / reached[0] if reached else None}
 
 
+def table(header, rows):
+    """A markdown table: the header, its rule, one line per row (lists of cells)."""
+    lines = [header, ["---"] * len(header), *rows]
+    return ["| " + " | ".join(map(str, cells)) + " |" for cells in lines]
+
+
 def markdown_table(summary, metrics):
     """Rows = runs, columns = metrics, 'mean ± std over seeds'."""
-    lines = ["| run | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for run, s in summary.items():
-        lines.append(f"| {run} | " + " | ".join(f"{s['mean'][m]:.3f} ± {s['std'][m]:.3f}" for m in metrics) + " |")
-    return "\n".join(lines)
+    return "\n".join(table(["run", *metrics], [[run] + [f"{s['mean'][m]:.3f} ± {s['std'][m]:.3f}" for m in metrics]
+                                                for run, s in summary.items()]))
 
 
 def plot_radar(summary, metrics, ranges, path):
@@ -368,33 +372,32 @@ def report(args):
             speed = {m: speedup(evals[miro], evals[base], m) for m in all_rewards + ["overall"]}
             results["speedup"] = speed
             plot_curves(evals, all_rewards + ["overall"], os.path.join(eval_dir, "curves.png"))
-            md += ["## Convergence (paper Fig. 5)\n", "| metric | baseline final | at step | MIRO reaches it at step "
-                   "| speedup |", "|---|---|---|---|---|"]
-            md += [f"| {m} | {s['baseline_final']:.3f} | {s['baseline_steps']} | {s['miro_steps'] or 'never'} | "
-                   + (f"{s['speedup']:.1f}x |" if s["speedup"] else "- |") for m, s in speed.items()]
-            md += ["", "![curves](curves.png)", ""]
+            md += ["## Convergence (paper Fig. 5)\n", *table(
+                ["metric", "baseline final", "at step", "MIRO reaches it at step", "speedup"],
+                [[m, f"{s['baseline_final']:.3f}", s["baseline_steps"], s["miro_steps"] or "never",
+                  f"{s['speedup']:.1f}x" if s["speedup"] else "-"] for m, s in speed.items()]),
+                   "", "![curves](curves.png)", ""]
         curves = {run: best_of_curve(models[run][0], models[run][1]["reward_names"], args.select, args.best_prompts,
                                      args.best_k, args.cfg, args.steps, 0, args.neg_text, device) for run in (miro, base)}
         results["best_of"] = {"select": args.select, "curves": curves}
         plot_xy(curves, "N (best of N)", f"best {args.select}", os.path.join(eval_dir, "best_of.png"), logx=True)
-        md += [f"## Best of N by {args.select} (paper Fig. 8)\n", "| run | " + " | ".join(f"N={n}" for n in curves[miro])
-               + " |", "|---" * (len(curves[miro]) + 1) + "|"]
-        md += [f"| {run} | " + " | ".join(f"{v:.3f}" for v in c.values()) + " |" for run, c in curves.items()]
-        md += ["", "![best of N](best_of.png)", ""]
+        md += [f"## Best of N by {args.select} (paper Fig. 8)\n", *table(
+            ["run", *(f"N={n}" for n in curves[miro])], [[run, *(f"{v:.3f}" for v in c.values())]
+                                                        for run, c in curves.items()]),
+               "", "![best of N](best_of.png)", ""]
 
     singles = [r for r in runs if len(models[r][1]["reward_names"]) == 1 and r != miro]
     if miro and singles:  # reward hacking: a model that only knows one reward, against MIRO
-        md += ["## Single-reward models (reward hacking)\n", "| run | its reward | on it: run / MIRO | alignment: run / MIRO |",
-               "|---|---|---|---|"]
-        results["single_reward"] = {}
+        results["single_reward"], rows = {}, []
         for run in singles:
             name = models[run][1]["reward_names"][0]
             mine, theirs = summary[run]["mean"], summary[miro]["mean"]
             results["single_reward"][run] = {"reward": name, "on_it": [mine[name], theirs[name]],
                                              "alignment": [mine["alignment"], theirs["alignment"]]}
-            md.append(f"| {run} | {name} | {mine[name]:.3f} / {theirs[name]:.3f} | "
-                      f"{mine['alignment']:.3f} / {theirs['alignment']:.3f} |")
-        md.append("")
+            rows.append([run, name, f"{mine[name]:.3f} / {theirs[name]:.3f}",
+                         f"{mine['alignment']:.3f} / {theirs['alignment']:.3f}"])
+        md += ["## Single-reward models (reward hacking)\n", *table(
+            ["run", "its reward", "on it: run / MIRO", "alignment: run / MIRO"], rows), ""]
 
     if miro:
         model, names = models[miro][0], models[miro][1]["reward_names"]
@@ -408,11 +411,10 @@ def report(args):
         plot_xy({f"{miro}: target of {args.sweep}": by_level}, f"s+ of {args.sweep}", args.sweep,
                 os.path.join(eval_dir, "sweep.png"))
         plot_xy({f"{miro}: top target": by_w}, "guidance weight w", args.sweep, os.path.join(eval_dir, "cfg.png"))
-        md += [f"## Dialling {args.sweep} (paper Fig. 12)\n", f"| s+ of {args.sweep} | "
-               + " | ".join(f"{k:.2f}" for k in by_level) + " |", "|---" * (len(by_level) + 1) + "|",
-               f"| {args.sweep} | " + " | ".join(f"{v:.3f}" for v in by_level.values()) + " |", "",
-               f"| w | " + " | ".join(f"{k:g}" for k in by_w) + " |", "|---" * (len(by_w) + 1) + "|",
-               f"| {args.sweep} | " + " | ".join(f"{v:.3f}" for v in by_w.values()) + " |", "",
+        md += [f"## Dialling {args.sweep} (paper Fig. 12)\n",
+               *table([f"s+ of {args.sweep}", *(f"{k:.2f}" for k in by_level)],
+                      [[args.sweep, *(f"{v:.3f}" for v in by_level.values())]]), "",
+               *table(["w", *(f"{k:g}" for k in by_w)], [[args.sweep, *(f"{v:.3f}" for v in by_w.values())]]), "",
                "![sweep](sweep.png) ![cfg](cfg.png)", ""]
         isolation_grid(model, names, args.grid_prompts, args.cfg, args.steps, 0, args.neg_text, device,
                        os.path.join(eval_dir, "isolation.png"))
