@@ -234,3 +234,24 @@ def test_a_stray_patch_of_colour_is_not_an_object():
     assert ev.correctness(image, [meta]) == [False]
     image[0, 4:12, 4:12] = world.COLOURS["red"]
     assert ev.correctness(image, [meta]) == [True]
+
+
+def test_alignment_facts_of_clean_renders_and_of_an_extra_object():
+    """Clean renders of random scenes with their own short captions: every fact holds and the
+    objects are counted right. The same scenes with one more object, of a colour+kind none of
+    them has, in a free cell: only nothing_else (and the object counts) change."""
+    rng = np.random.default_rng(3)
+    scenes = [s for s in (world.sample_scene(rng, SIZE) for _ in range(40)) if len(s["objects"]) < 4][:16]
+    captions = [world.caption_short(s) for s in scenes]
+    facts = ev.alignment_facts(renders(scenes), captions)
+    assert facts["stated_drawn"] == facts["exact_counts"] == facts["relation"] == facts["nothing_else"] == 1.0
+    assert facts["objects"] == facts["objects_stated"] == np.mean([len(s["objects"]) for s in scenes])
+    more = []
+    for s in scenes:
+        free = next(c for c in world.CELLS if c not in {(o["row"], o["col"]) for o in s["objects"]})
+        taken = {(o["colour"], o["kind"]) for o in s["objects"]}
+        colour, kind = next((c, k) for c in world.COLOURS for k in world.KINDS if (c, k) not in taken)
+        more.append({**s, "objects": s["objects"] + [world.place(kind, colour, free, SIZE, rng)]})
+    extra = ev.alignment_facts(renders(more), captions)
+    assert extra["stated_drawn"] == extra["exact_counts"] == extra["relation"] == 1.0
+    assert extra["nothing_else"] == 0.0 and extra["objects"] == facts["objects"] + 1
