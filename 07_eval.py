@@ -175,20 +175,27 @@ def geneval(images, metas):
 
 
 # ----------------------------------------------------------------------------- evaluating a model
-FACTS = ("stated_drawn", "exact_counts", "relation", "nothing_else", "objects", "objects_stated")
+FACTS = ("stated_drawn", "exact_counts", "relation", "nothing_else", "objects", "objects_stated", "other_caption")
 
 
 def alignment_facts(images, captions):
     """What the alignment reward (02_score.py) finds, fact by fact, as means over captions:
     stated_drawn, every stated colour+kind detected at least once; exact_counts, the stated
     counts that are exact; relation, the stated relations that hold; nothing_else, no
-    unstated object; objects and objects_stated, detected and stated objects per image."""
+    unstated object; objects and objects_stated, detected and stated objects per image;
+    other_caption, the alignment reward of each image against the next caption, one it was
+    not drawn for: the chance level, so that alignment minus it is what the caption earned."""
     marks = {fact: [] for fact in FACTS}
-    for objects, caption in zip(rewards.detect(np.asarray(images)), captions):
+    size, detected = images.shape[1], rewards.detect(np.asarray(images))
+    for i, (objects, caption) in enumerate(zip(detected, captions)):
         groups, relation = rewards.parse_caption(caption)
+        other_groups, other_relation = rewards.parse_caption(captions[(i + 1) % len(captions)])
+        if other_groups:
+            other = rewards.check_facts(objects, other_groups, other_relation, size)
+            marks["other_caption"].append(sum(other) / len(other))
         if not groups:
             continue
-        facts = rewards.check_facts(objects, groups, relation, images.shape[1])
+        facts = rewards.check_facts(objects, groups, relation, size)
         found = {(o["colour"], o["kind"]) for o in objects}
         marks["stated_drawn"].append(all(key in found for key in groups))
         marks["exact_counts"] += facts[:len(groups)]
@@ -381,7 +388,8 @@ def report(args):
           f"{args.per_task} prompts per task.\n", markdown_table(summary, all_rewards + ["overall"]), "",
           markdown_table(summary, list(TASKS)), "", "What the alignment reward found, fact by fact (stated_drawn: every "
           "stated colour+kind is there; exact_counts, relation: the stated ones that hold; nothing_else: no unstated "
-          "object; objects: detected and stated per image):\n", markdown_table(summary, list(FACTS)), ""]
+          "object; objects: detected and stated per image; other_caption: the alignment reward against another "
+          "caption, the chance level):\n", markdown_table(summary, list(FACTS)), ""]
     ranges = reward_ranges(args.out)
     plot_radar(summary, all_rewards + ["overall"], ranges, os.path.join(eval_dir, "radar.png"))
     results["reward_ranges"] = ranges

@@ -238,7 +238,8 @@ def test_a_stray_patch_of_colour_is_not_an_object():
 
 def test_alignment_facts_of_clean_renders_and_of_an_extra_object():
     """Clean renders of random scenes with their own short captions: every fact holds and the
-    objects are counted right. The same scenes with one more object, of a colour+kind none of
+    objects are counted right; against each other's captions they score the alignment reward
+    of those pairs, well below 1. The same scenes with one more object, of a colour+kind none of
     them has, in a free cell: only nothing_else (and the object counts) change."""
     rng = np.random.default_rng(3)
     scenes = [s for s in (world.sample_scene(rng, SIZE) for _ in range(40)) if len(s["objects"]) < 4][:16]
@@ -246,6 +247,9 @@ def test_alignment_facts_of_clean_renders_and_of_an_extra_object():
     facts = ev.alignment_facts(renders(scenes), captions)
     assert facts["stated_drawn"] == facts["exact_counts"] == facts["relation"] == facts["nothing_else"] == 1.0
     assert facts["objects"] == facts["objects_stated"] == np.mean([len(s["objects"]) for s in scenes])
+    rolled = captions[1:] + captions[:1]  # each image against a caption it was not drawn for
+    assert facts["other_caption"] == pytest.approx(float(scoring.alignment(renders(scenes), rolled).mean()))
+    assert facts["other_caption"] < 0.5
     more = []
     for s in scenes:
         free = next(c for c in world.CELLS if c not in {(o["row"], o["col"]) for o in s["objects"]})
