@@ -185,17 +185,12 @@ def alignment_facts(images, captions):
     unstated object; objects and objects_stated, detected and stated objects per image;
     other_caption, the alignment reward of each image against the next caption, one it was
     not drawn for: the chance level, so that alignment minus it is what the caption earned."""
-    marks = {fact: [] for fact in FACTS}
-    size, detected = images.shape[1], rewards.detect(np.asarray(images))
-    for i, (objects, caption) in enumerate(zip(detected, captions)):
+    marks = {fact: [] for fact in FACTS if fact != "other_caption"}
+    for objects, caption in zip(rewards.detect(np.asarray(images)), captions):
         groups, relation = rewards.parse_caption(caption)
-        other_groups, other_relation = rewards.parse_caption(captions[(i + 1) % len(captions)])
-        if other_groups:
-            other = rewards.check_facts(objects, other_groups, other_relation, size)
-            marks["other_caption"].append(sum(other) / len(other))
         if not groups:
             continue
-        facts = rewards.check_facts(objects, groups, relation, size)
+        facts = rewards.check_facts(objects, groups, relation, images.shape[1])
         found = {(o["colour"], o["kind"]) for o in objects}
         marks["stated_drawn"].append(all(key in found for key in groups))
         marks["exact_counts"] += facts[:len(groups)]
@@ -204,7 +199,9 @@ def alignment_facts(images, captions):
         marks["nothing_else"].append(facts[-1])
         marks["objects"].append(len(objects))
         marks["objects_stated"].append(sum(groups.values()))
-    return {fact: float(np.mean(m)) if m else float("nan") for fact, m in marks.items()}
+    result = {fact: float(np.mean(m)) if m else float("nan") for fact, m in marks.items()}
+    other = list(captions[1:]) + list(captions[:1])  # image i against caption i + 1
+    return {**result, "other_caption": float(rewards.alignment(images, other).nanmean())}
 
 
 def top_targets(R, n):
