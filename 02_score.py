@@ -179,11 +179,12 @@ def check_facts(objects, groups, relation, size):
 
 
 # ----------------------------------------------------------------------------- rewards
-def alignment(images, captions):
-    """Fraction of the caption's facts the detector confirms; NaN if the caption states none."""
+def alignment(images, captions, scenes=None):
+    """Fraction of the caption's facts the detector confirms; NaN if the caption states none.
+    scenes: detect(images), where the caller has it already."""
     size = images.shape[1]
     scores = []
-    for objects, caption in zip(detect(images), captions):
+    for objects, caption in zip(detect(images) if scenes is None else scenes, captions):
         groups, relation = parse_caption(caption)
         facts = check_facts(objects, groups, relation, size) if groups else []
         scores.append(sum(facts) / len(facts) if facts else float("nan"))

@@ -186,7 +186,8 @@ def alignment_facts(images, captions):
     other_caption, the alignment reward of each image against the next caption, one it was
     not drawn for: the chance level, so that alignment minus it is what the caption earned."""
     marks = {fact: [] for fact in FACTS if fact != "other_caption"}
-    for objects, caption in zip(rewards.detect(np.asarray(images)), captions):
+    scenes = rewards.detect(np.asarray(images))  # one reading of the images serves every fact
+    for objects, caption in zip(scenes, captions):
         groups, relation = rewards.parse_caption(caption)
         if not groups:
             continue
@@ -201,7 +202,7 @@ def alignment_facts(images, captions):
         marks["objects_stated"].append(sum(groups.values()))
     result = {fact: float(np.mean(m)) if m else float("nan") for fact, m in marks.items()}
     other = list(captions[1:]) + list(captions[:1])  # image i against caption i + 1
-    return {**result, "other_caption": float(rewards.alignment(images, other).nanmean())}
+    return {**result, "other_caption": float(rewards.alignment(images, other, scenes=scenes).nanmean())}
 
 
 def top_targets(R, n):
