@@ -59,11 +59,7 @@ TASKS = ("single_object", "two_object", "counting", "colors", "position", "color
 PER_TASK = 64          # prompts per task (GenEval has 80 to 100)
 COUNTS = (2, 3, 4)     # counting asks for 2 to 4, like GenEval; 4 fills the layout
 WORDS = ("left of", "right of", "above", "below")
-DETECT_BATCH = 512     # images per detector call
-# GenEval's detector only counts confident detections. Here an object must cover at least
-# half the area of the smallest object the world draws (a triangle of 0.6 of a cell is
-# ~46 px at 32 px): a stray patch of colour in a failed sample is not an object.
-MIN_AREA_FRAC = 24 / 1024
+DETECT_BATCH = 512     # images per detector call (the same detector, and threshold, as the alignment reward)
 
 
 # ----------------------------------------------------------------------------- GenEval prompts
@@ -156,7 +152,7 @@ def correctness(images, metas):
     size = images.shape[1]
     right = []
     for start in range(0, len(images), DETECT_BATCH):
-        found = rewards.detect(np.asarray(images[start:start + DETECT_BATCH]), min_area_frac=MIN_AREA_FRAC)
+        found = rewards.detect(np.asarray(images[start:start + DETECT_BATCH]))
         right += [judge(objects, meta, size) for objects, meta in zip(found, metas[start:start + DETECT_BATCH])]
     return right
 
