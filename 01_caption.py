@@ -63,8 +63,8 @@ DEGRADATIONS = {
     "clutter": (0.35, 3, 8),      # number of confetti specks in vivid colours
 }
 # A speck's side in pixels at 32 px: 25-42 px of area, so that 02_score.py's detector (which
-# keeps components of 24 px and more) counts nearly every speck (96%; one that straddles pixel
-# edges can lose a row) as an unstated object.
+# keeps components of 24 px and more) counts nearly every speck as an unstated object (one that
+# straddles pixel edges can lose a row; tests/test_world.py asks for at least 90%).
 SPECK_SIDE = (5.0, 6.5)
 
 
