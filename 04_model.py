@@ -44,12 +44,12 @@ forward/backward check and a check that every reward level changes the output.
 """
 import argparse
 import functools
+import importlib.util
 import logging
 import math
 import os
 import sys
 
-import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -199,7 +199,13 @@ def tokenize(texts, length, text_encoder="own"):
     if text_encoder != "own":
         return frozen_text_encoder(text_encoder).tokenize(texts, length)
     global _TOKENIZER
-    _TOKENIZER = _TOKENIZER or open_clip.tokenizer.SimpleTokenizer()
+    if _TOKENIZER is None:  # open_clip's tokenizer.py loaded on its own: `import open_clip` would also import
+        # torchvision and timm, about 3 s in every stage, for a tokenizer that needs only ftfy and regex
+        path = os.path.join(importlib.util.find_spec("open_clip").submodule_search_locations[0], "tokenizer.py")
+        spec = importlib.util.spec_from_file_location("open_clip_tokenizer", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _TOKENIZER = module.SimpleTokenizer()
     return _TOKENIZER(list(texts), context_length=length)
 
 
@@ -226,6 +232,9 @@ class FrozenOpenCLIP:
     (CLIP's text embedding is the end token's state, projected)."""
 
     def __init__(self, name, pretrained):
+        import open_clip  # lazy: the default path needs only its tokenizer
+        if not pretrained:  # none named: open_clip's first listed weights for ARCH
+            pretrained = (open_clip.list_pretrained_tags_by_model(name) or [None])[0]
         quick_gelu = open_clip.get_pretrained_cfg(name, pretrained or "").get("quick_gelu", False)  # OpenAI's
         logging.disable(logging.ERROR)  # open_clip logs a failed download before raising it: one line is ours
         try:
@@ -284,8 +293,8 @@ def frozen_text_encoder(spec):
     try:
         if kind == "t5" and source:
             encoder = FrozenT5(source)
-        elif kind == "openclip" and source:  # no PRETRAINED: open_clip's first listed weights for ARCH
-            encoder = FrozenOpenCLIP(name, pretrained or (open_clip.list_pretrained_tags_by_model(name) or [None])[0])
+        elif kind == "openclip" and source:
+            encoder = FrozenOpenCLIP(name, pretrained)
         else:
             sys.exit(f"{SCRIPT}: error: unknown text encoder {spec!r}: own, openclip:ARCH[:PRETRAINED_OR_PATH] "
                      "(e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl)")

@@ -1,8 +1,11 @@
 """04_model.py: sizes, reward tokens, gradients, and the flow-matching math of 05_train.py."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import run, stage
+from conftest import ROOT, run, stage
 
 net = stage("04_model")
 train = stage("05_train")
@@ -65,6 +68,18 @@ def test_padding_does_not_change_the_text_tokens():
         full, mask = model.encode_text(ids)
     real = mask[0].sum()
     assert torch.allclose(short[0, :real], full[0, :real], atol=1e-5)
+
+
+def test_tokenizer_is_open_clips_and_leaves_the_package_unimported():
+    """tokenize() loads open_clip's tokenizer.py alone: the same ids as the package's CLIP tokenizer,
+    without importing open_clip (and with it torchvision and timm) in a stage on the default path."""
+    import open_clip
+    captions = ["a red circle left of 2 blue squares", "nothing", "Ünïcode &amp; spaces  "]
+    assert torch.equal(net.tokenize(captions, 16), open_clip.tokenize(captions, context_length=16))
+    code = ("import sys; m = __import__('04_model'); m.tokenize(['a red circle'], 8); "
+            "print(sorted({'open_clip', 'torchvision', 'timm'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_noisy_interpolates_from_data_at_t0_to_noise_at_t1():
