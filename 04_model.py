@@ -200,7 +200,7 @@ def tokenize(texts, length, text_encoder="own"):
         return frozen_text_encoder(text_encoder).tokenize(texts, length)
     global _TOKENIZER
     if _TOKENIZER is None:  # open_clip's tokenizer.py loaded on its own: `import open_clip` would also import
-        # torchvision and timm, about 3 s in every stage, for a tokenizer that needs only ftfy and regex
+        # torchvision and timm, 2-3 s in every stage, for a tokenizer that needs only ftfy and regex
         path = os.path.join(importlib.util.find_spec("open_clip").submodule_search_locations[0], "tokenizer.py")
         spec = importlib.util.spec_from_file_location("open_clip_tokenizer", path)
         module = importlib.util.module_from_spec(spec)
