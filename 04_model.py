@@ -32,9 +32,6 @@ tokens and a (B, L) mask, so a frozen pretrained encoder can replace it
 text tower or a T5 encoder, each with its own tokenizer, and a trained linear map from its
 width to latent_dim.
 
-OfficialNetwork wraps the released MIRO network (pip install miro-t2i einops) at the same
-shape, for the side-by-side timing of `05_train.py --benchmark --official`.
-
     python 04_model.py                  # every preset: size, FLOPs, self-checks (~1 min on CPU)
     python 04_model.py --preset tiny
 
@@ -403,34 +400,6 @@ class TextRIN(nn.Module):
 
     def forward(self, x_t, t, levels, text_ids, prev_latents=None):
         return self.denoise(x_t, t, levels, *self.encode_text(text_ids), prev_latents)
-
-
-# ----------------------------------------------------------------------------- for comparison
-class OfficialNetwork(nn.Module):
-    """The released MIRO network (pip install miro-t2i einops) behind TextRIN's call, for timing only.
-
-    Same width, depth, latents and conditioning tokens as the preset: the latents attend to
-    the conditioning in every block (use_cond_rin_block) instead of carrying it as extra
-    latents, exactly as TextRIN does. A trainable embedding stands in for its frozen T5.
-    """
-
-    def __init__(self, model_args):
-        super().__init__()
-        from miro.models.networks.rin import CADRINTextCond
-        a, self.R = model_args, model_args["num_rewards"]
-        self.embed = nn.Embedding(VOCAB_SIZE, a["text_dim"])
-        self.net = CADRINTextCond(
-            data_size=a["image_size"], data_dim=a["data_dim"], num_input_channels=3, num_latents=a["num_latents"],
-            latents_dim=a["latent_dim"], label_dim=a["text_dim"], num_processing_layers=a["num_layers"],
-            num_blocks=a["num_blocks"], patch_size=a["patch_size"], num_cond_tokens=0, read_write_heads=a["heads"],
-            compute_heads=a["heads"], use_cond_rin_block=True, concat_cond_token_to_latents=False,
-            use_self_conditioning=True, num_text_registers=16, coherence_keys=[f"r{i}" for i in range(self.R)])
-
-    def forward(self, x_t, t, levels, ids, prev_latents=None):
-        batch = {"y": x_t, "gamma": 1 - t, "text_tokens_embeddings": self.embed(ids), "text_tokens_mask": ids != 0,
-                 **{f"r{i}_coherence": levels[:, i] for i in range(self.R)}}
-        batch["previous_latents"] = prev_latents
-        return self.net(batch)
 
 
 def build(preset, num_rewards, **overrides):

@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, run, stage
 
 net = stage("04_model")
+train = stage("05_train")
 FAST = ["--batch-size", 8, "--log-every", 1, "--warmup", 2]
 
 
@@ -136,5 +137,5 @@ def test_official_network_runs_behind_the_same_call():
     pytest.importorskip("miro.models.networks.rin")
     model_args = dict(net.PRESETS["tiny"], num_rewards=3)
     x_t, t, levels, ids = net.dummy_inputs(model_args, 2)
-    v, latents = net.OfficialNetwork(model_args)(x_t, t, levels, ids)
+    v, latents = train.OfficialNetwork(model_args)(x_t, t, levels, ids)
     assert v.shape == x_t.shape and latents.shape[:2] == (2, model_args["num_latents"])
