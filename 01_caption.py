@@ -447,11 +447,16 @@ def dataset_id(captions):
 
 
 def save_atomic(obj, path):
-    """torch.save (or np.save for .npy) to a temporary name, then rename: never a half file."""
+    """torch.save (np.save for .npy, a str as UTF-8 text) to a temporary name, then rename: never a half file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            np.save(f, obj) if str(path).endswith(".npy") else torch.save(obj, f)
+            if isinstance(obj, str):
+                f.write(obj.encode())
+            elif str(path).endswith(".npy"):
+                np.save(f, obj)
+            else:
+                torch.save(obj, f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -452,15 +452,9 @@ def report(args):
                        os.path.join(eval_dir, "isolation.png"))
         md += ["## Guiding one reward at a time (paper Fig. 9)\n", "![isolation](isolation.png)", ""]
 
-    write_text(os.path.join(eval_dir, "report.md"), "\n".join(md))
-    write_text(os.path.join(eval_dir, "results.json"), json.dumps(results, indent=1))
+    world.save_atomic("\n".join(md) + "\n", os.path.join(eval_dir, "report.md"))
+    world.save_atomic(json.dumps(results, indent=1) + "\n", os.path.join(eval_dir, "results.json"))
     print(f"wrote {eval_dir}/report.md, results.json and the figures")
-
-
-def write_text(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def find_runs(out, spec):
