@@ -70,14 +70,15 @@ SCRIPT = os.path.basename(sys.argv[0])  # the stage running this code, for its e
 
 # ----------------------------------------------------------------------------- layers
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (bf16 squares lose precision), returned in the input dtype."""
+    """RMSNorm computed in at least float32 (bf16 squares lose precision), returned in the input dtype."""
 
     def __init__(self, dim):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), eps=1e-6).type_as(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), eps=1e-6).type_as(x)
 
 
 class Attention(nn.Module):
@@ -370,10 +371,11 @@ class TextRIN(nn.Module):
 
     def condition(self, t, levels, text_tokens, text_mask):
         """The conditioning tokens (B, 1 + R + L, latent_dim) and their mask."""
-        tokens = [self.time_embed(sinusoid(t, 256))[:, None]]                 # (B, 1, D)
+        dtype = self.latents.dtype  # float32 features, in the parameters' dtype (float64 in the tests)
+        tokens = [self.time_embed(sinusoid(t, 256).to(dtype))[:, None]]       # (B, 1, D)
         if self.num_rewards:
             B, R = levels.shape
-            reward = self.reward_embed(sinusoid(levels.reshape(-1), 256)).view(B, R, -1)
+            reward = self.reward_embed(sinusoid(levels.reshape(-1), 256).to(dtype)).view(B, R, -1)
             tokens.append(reward + self.reward_id)                            # (B, R, D)
         tokens.append(text_tokens)                                            # (B, L, D)
         always = torch.ones(t.shape[0], 1 + self.num_rewards, dtype=torch.bool, device=t.device)

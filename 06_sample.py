@@ -116,9 +116,10 @@ class Guided:
         x2 = torch.cat([x, x]) if self.guided else x
         t2 = torch.full((len(x2),), float(t), device=x.device)
         v, self.latents = self.model.denoise(x2, t2, self.levels, self.tokens, self.mask, self.latents)
+        v = v.to(torch.promote_types(v.dtype, torch.float32))  # bf16 under autocast: guide in float32
         if not self.guided:
-            return v.float()
-        v_pos, v_neg = v.float().chunk(2)
+            return v
+        v_pos, v_neg = v.chunk(2)
         return v_pos + self.cfg * (v_pos - v_neg)
 
 

@@ -181,7 +181,7 @@ def test_matches_the_original_formula(tiny, images):
     two_captions = reward(images[[0, 0]], ["a red circle", "two blue squares"])
     assert abs(float(two_captions[0] - two_captions[1])) > 1e-3
     cut = reward(images[[3, 3]], [CAPTIONS[3], CAPTIONS[3] + " two blue squares"])
-    assert torch.allclose(cut, scores[[3, 3]], atol=1e-5)
+    assert torch.allclose(cut, scores[[3, 3]], atol=1e-4, rtol=1e-4)  # a batch of 2 against one of 4: float32 rounding
     # The checkpoint's path works as the folder does, and is in the registry under its hub id.
     assert torch.allclose(scoring.load_imagereward(os.path.join(folder, "ImageReward.pt"), "cpu")(images, CAPTIONS),
                           scores, atol=1e-6)

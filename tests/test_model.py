@@ -62,12 +62,13 @@ def test_baseline_has_no_reward_tokens():
 
 def test_padding_does_not_change_the_text_tokens():
     model, args = tiny(1)
+    model = model.double()  # 8 and 64 positions round differently in float32; in float64 by ~1e-15
     ids = net.tokenize(["a red circle"], args["text_len"])
     with torch.no_grad():
         short, _ = model.encode_text(ids[:, :8])
         full, mask = model.encode_text(ids)
     real = mask[0].sum()
-    assert torch.allclose(short[0, :real], full[0, :real], atol=1e-5)
+    assert torch.allclose(short[0, :real], full[0, :real], atol=1e-10, rtol=0)
 
 
 def test_tokenizer_is_open_clips_and_leaves_the_package_unimported():
