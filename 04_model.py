@@ -65,6 +65,7 @@ PRESETS = {
                   num_layers=4, heads=16, text_dim=512, text_layers=6, text_len=77),
 }
 VOCAB_SIZE = 49408  # open_clip's CLIP BPE vocabulary; 0 pads, 49406 starts, 49407 ends a caption
+PAD_ID = 0          # the padding id of every tokenizer here (CLIP BPE, open_clip's, T5's)
 SCRIPT = os.path.basename(sys.argv[0])  # the stage running this code, for its error lines
 
 
@@ -218,7 +219,7 @@ class TextEncoder(nn.Module):
         self.norm = RMSNorm(dim)
 
     def forward(self, ids):
-        mask = ids != 0                                    # (B, L) real tokens (start, words, end)
+        mask = ids != PAD_ID                               # (B, L) real tokens (start, words, end)
         x = self.embed(ids) + self.pos[: ids.shape[1]]     # (B, L, dim)
         for block in self.blocks:
             x = block(x, mask=mask)
@@ -400,8 +401,16 @@ class TextRIN(nn.Module):
         return c_skip * x_t + c_out * out, latents
 
 
-    def forward(self, x_t, t, levels, text_ids, prev_latents=None):
-        return self.denoise(x_t, t, levels, *self.encode_text(text_ids), prev_latents)
+    def forward(self, x_t, t, levels, text_ids, prev_latents=None, self_cond=None):
+        """With self_cond (B,) (training): a first pass without gradients makes a guess, and the
+        returned pass sees its latents where self_cond is 1 (zeros where 0, as at the first
+        sampling step). Both passes share one encoding of the caption."""
+        text_tokens, text_mask = self.encode_text(text_ids)
+        if self_cond is not None:
+            with torch.no_grad():
+                _, guess = self.denoise(x_t, t, levels, text_tokens.detach(), text_mask)
+            prev_latents = guess * self_cond.view(-1, 1, 1).to(guess.dtype)
+        return self.denoise(x_t, t, levels, text_tokens, text_mask, prev_latents)
 
 
 def build(preset, num_rewards, **overrides):

@@ -69,11 +69,10 @@ def flow_matching_loss(model, x, eps, t, levels, ids, self_cond):
 
     self_cond (B,) is 1 where the network first makes a guess without gradients and then
     sees its own (detached) latents, 0 where it sees zeros, as at the first sampling step.
+    Both passes run inside one call of the model, so that DDP and torch.compile see one forward.
     """
-    x_t = noisy(x, eps, t)
-    with torch.no_grad():
-        _, latents = model(x_t, t, levels, ids)
-    v, _ = model(x_t, t, levels, ids, prev_latents=latents * self_cond.view(-1, 1, 1))
+    guess = self_cond if bool(self_cond.any()) else None  # no first pass where no image would use it
+    v, _ = model(noisy(x, eps, t), t, levels, ids, self_cond=guess)  # both passes in one call (04_model.py)
     return (v.float() - (eps - x)).square().mean(dim=(1, 2, 3))  # (B,)
 
 
@@ -125,6 +124,9 @@ def get_batch(step, args, data, rank, world_size, device):
     batch_ids = ids[kind, idx]                                          # (B, L)
     drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
     batch_ids[drop] = net.tokenize([""], batch_ids.shape[1], args.text_encoder)
+    # padding is masked everywhere, so only the batch's longest caption (rounded up to 8) is kept
+    longest = int((batch_ids != net.PAD_ID).sum(1).max())
+    batch_ids = batch_ids[:, : min(batch_ids.shape[1], -(-longest // 8) * 8)]
     return x, batch_ids.to(device), levels[idx].to(device), torch.Generator(device).manual_seed(seed)
 
 
@@ -201,10 +203,10 @@ def peak_flops(device, amp, override):
 def train_flops_per_image(model, model_args, self_cond_rate):
     """FLOPs of one image's training step, counted by torch.utils.flop_counter on the real step."""
     x, t, levels, ids = net.dummy_inputs(model_args, 1, next(model.parameters()).device)
-    forward = net.count_flops(lambda: model(x, t, levels, ids))
-    forward_backward = net.count_flops(lambda: model(x, t, levels, ids)[0].sum().backward())
+    self_cond = torch.ones(1, device=x.device) if self_cond_rate > 0 else None  # its pass runs for the whole batch
+    flops = net.count_flops(lambda: model(x, t, levels, ids, self_cond=self_cond)[0].sum().backward())
     model.zero_grad(set_to_none=True)
-    return forward_backward + self_cond_rate * forward  # + the self-conditioning pass
+    return flops
 
 
 # ----------------------------------------------------------------------------- training
@@ -374,9 +376,13 @@ class OfficialNetwork(torch.nn.Module):
             compute_heads=a["heads"], use_cond_rin_block=True, concat_cond_token_to_latents=False,
             use_self_conditioning=True, num_text_registers=16, coherence_keys=[f"r{i}" for i in range(self.R)])
 
-    def forward(self, x_t, t, levels, ids, prev_latents=None):
+    def forward(self, x_t, t, levels, ids, prev_latents=None, self_cond=None):
         batch = {"y": x_t, "gamma": 1 - t, "text_tokens_embeddings": self.embed(ids), "text_tokens_mask": ids != 0,
                  **{f"r{i}_coherence": levels[:, i] for i in range(self.R)}}
+        if self_cond is not None:  # the same two passes as TextRIN's
+            with torch.no_grad():
+                _, guess = self.net({**batch, "previous_latents": None})
+            prev_latents = guess * self_cond.view(-1, 1, 1)
         batch["previous_latents"] = prev_latents
         return self.net(batch)
 

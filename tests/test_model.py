@@ -1,7 +1,9 @@
 """04_model.py: sizes, reward tokens, gradients, and the flow-matching math of 05_train.py."""
+import argparse
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +73,37 @@ def test_padding_does_not_change_the_text_tokens():
     assert torch.allclose(short[0, :real], full[0, :real], atol=1e-10, rtol=0)
 
 
+def test_trimmed_padding_gives_the_same_velocity():
+    """05_train.py keeps only a batch's longest caption (rounded up to 8): padding is masked in
+    every attention, so the velocity must not change."""
+    model, args = tiny(2)
+    model = model.double()
+    x_t, t, levels, ids = net.dummy_inputs(args, 2)
+    real = int((ids != net.PAD_ID).sum(1).max())
+    with torch.no_grad():
+        full, _ = model(x_t.double(), t, levels.double(), ids)
+        trimmed, _ = model(x_t.double(), t, levels.double(), ids[:, :real])
+    assert real < ids.shape[1]
+    assert torch.allclose(full, trimmed, atol=1e-10, rtol=0)
+
+
+def test_self_cond_call_is_the_two_passes_it_replaces():
+    """model(..., self_cond=s): a first pass without gradients, then a pass that sees its latents
+    times s; the same as the two calls written out."""
+    model, args = tiny(2)
+    model = model.double()
+    torch.nn.init.normal_(model.prev_proj.weight, std=0.1)  # zero at init: the latents would change nothing
+    x_t, t, levels, ids = net.dummy_inputs(args, 3)
+    x_t, levels, s = x_t.double(), levels.double(), torch.tensor([1.0, 0.0, 1.0])
+    with torch.no_grad():
+        _, guess = model(x_t, t, levels, ids)
+        expected, _ = model(x_t, t, levels, ids, prev_latents=guess * s.view(-1, 1, 1))
+        zeros, _ = model(x_t, t, levels, ids)
+    got, _ = model(x_t, t, levels, ids, self_cond=s)
+    assert torch.allclose(got, expected, atol=1e-12, rtol=0)
+    assert not torch.allclose(got[0], zeros[0]) and torch.allclose(got[1], zeros[1], atol=1e-12, rtol=0)
+
+
 def test_tokenizer_is_open_clips_and_leaves_the_package_unimported():
     """tokenize() loads open_clip's tokenizer.py alone: the same ids as the package's CLIP tokenizer,
     without importing open_clip (and with it torchvision and timm) in a stage on the default path."""
@@ -100,7 +133,7 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.x, self.eps, self.shift = x, eps, shift
 
-    def forward(self, x_t, t, levels, ids, prev_latents=None):
+    def forward(self, x_t, t, levels, ids, prev_latents=None, self_cond=None):
         return self.eps - self.x + self.shift, torch.zeros(len(x_t), 2, 4)
 
 
@@ -134,6 +167,17 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert train.lr_at(9, Args) == pytest.approx(1e-3)
     assert train.lr_at(60, Args) == pytest.approx(0.55e-3)
     assert train.lr_at(110, Args) == pytest.approx(1e-4)
+
+
+def test_batch_ids_are_trimmed_to_the_longest_caption_rounded_up_to_8():
+    args = argparse.Namespace(seed=0, batch_size=4, text_drop=0.0, text_encoder="own")
+    captions = ["a red circle.", "two blue squares and a green triangle.", "a circle.", "an orange square."]
+    ids = net.tokenize(captions, 64)[None]                   # one caption kind, (1, 4, 64)
+    data = (np.zeros((4, 8, 8, 3), np.uint8), ids, torch.zeros(4, 1))
+    _, batch_ids, _, _ = train.get_batch(0, args, data, 0, 1, torch.device("cpu"))
+    longest = int((ids != net.PAD_ID).sum(-1).max())
+    assert batch_ids.shape[1] == -(-longest // 8) * 8 < 64
+    assert (batch_ids != net.PAD_ID).sum() == (ids != net.PAD_ID).sum()  # no real token is cut
 
 
 def test_batches_cover_every_image_once_per_epoch():
