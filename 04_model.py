@@ -306,22 +306,19 @@ def frozen_text_encoder(spec):
         sys.exit(f"{SCRIPT}: error: cannot load text encoder {spec!r} ({type(e).__name__}: {reason}): "
                  f"download it where the hub is reachable, or pass a local path: --text-encoder {local}")
     encoder.model.eval().requires_grad_(False)  # frozen: no dropout, no gradients, never in an optimizer
-    encoder.last_ids = None
     return encoder
 
 
-@torch.compiler.disable  # eager, outside a compiled graph: it has no backward, and the memo is plain Python
+@torch.compiler.disable  # eager, outside a compiled graph: it has no backward
 @torch.no_grad()
 def frozen_states(spec, ids):
     """ids (B, L) -> the frozen encoder's states (B, L, width) and mask (B, L), without autograd.
     Not a submodule of TextRIN (so in none of its parameters, state dict or .to()), the encoder moves to
-    the ids' device here, bf16 on CUDA. Both passes of a training step (05_train.py) hand over the same
-    ids tensor: the last result is kept, so the states are computed once per batch."""
+    the ids' device here, bf16 on CUDA. A training step calls it once (TextRIN.forward encodes the
+    caption once for both self-conditioning passes)."""
     encoder = frozen_text_encoder(spec)
-    if encoder.last_ids is not ids:
-        encoder.model.to(ids.device, torch.bfloat16 if ids.device.type == "cuda" else torch.float32)
-        encoder.last_ids, encoder.last = ids, encoder(ids)
-    return encoder.last
+    encoder.model.to(ids.device, torch.bfloat16 if ids.device.type == "cuda" else torch.float32)
+    return encoder(ids)
 
 
 # ----------------------------------------------------------------------------- the network

@@ -71,8 +71,9 @@ def flow_matching_loss(model, x, eps, t, levels, ids, self_cond):
     sees its own (detached) latents, 0 where it sees zeros, as at the first sampling step.
     Both passes run inside one call of the model, so that DDP and torch.compile see one forward.
     """
-    guess = self_cond if bool(self_cond.any()) else None  # no first pass where no image would use it
-    v, _ = model(noisy(x, eps, t), t, levels, ids, self_cond=guess)  # both passes in one call (04_model.py)
+    if not self_cond.any():  # no image would use the first pass: skip it
+        self_cond = None
+    v, _ = model(noisy(x, eps, t), t, levels, ids, self_cond=self_cond)  # both passes in one call (04_model.py)
     return (v.float() - (eps - x)).square().mean(dim=(1, 2, 3))  # (B,)
 
 
@@ -377,7 +378,7 @@ class OfficialNetwork(torch.nn.Module):
             use_self_conditioning=True, num_text_registers=16, coherence_keys=[f"r{i}" for i in range(self.R)])
 
     def forward(self, x_t, t, levels, ids, prev_latents=None, self_cond=None):
-        batch = {"y": x_t, "gamma": 1 - t, "text_tokens_embeddings": self.embed(ids), "text_tokens_mask": ids != 0,
+        batch = {"y": x_t, "gamma": 1 - t, "text_tokens_embeddings": self.embed(ids), "text_tokens_mask": ids != net.PAD_ID,
                  **{f"r{i}_coherence": levels[:, i] for i in range(self.R)}}
         if self_cond is not None:  # the same two passes as TextRIN's
             with torch.no_grad():
