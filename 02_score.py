@@ -229,7 +229,95 @@ def colourfulness(images, captions=None):
 REWARDS = {"alignment": alignment, "sharpness": sharpness, "low_noise": low_noise, "colourfulness": colourfulness}
 
 
+# ----------------------------------------------------------------------------- scoring a dataset
+def score(reward, images, captions, batch_size, desc=None, progress=True):
+    """Run one reward over all images in batches: float32 [N], NaN where it failed.
+    A batch that raises is retried image by image, so one bad image costs only itself."""
+    out = torch.full((len(images),), float("nan"))
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
+        batch, text = np.asarray(images[start:start + batch_size]), captions[start:start + batch_size]
+        try:
+            out[start:start + len(batch)] = reward(batch, text)
+        except Exception:
+            for i in range(len(batch)):
+                try:
+                    out[start + i] = reward(batch[i:i + 1], text[i:i + 1])[0]
+                except Exception:
+                    pass
+    out[~torch.isfinite(out)] = float("nan")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt)")
+    parser.add_argument("--rewards", default=",".join(REWARDS),
+                        help=f"comma-separated, offline: {', '.join(REWARDS)}; models: {', '.join(MODEL_REWARDS)} "
+                             "(jinaclip does not load under transformers 5: use clip)")
+    parser.add_argument("--caption", default="short", choices=["short", "long", "alt"], help="caption the rewards read")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH_OR_ID",
+                        help="where a model reward's weights are (repeatable); defaults: "
+                             + ", ".join(f"{name}={source}" for name, (_, source) in MODEL_REWARDS.items()))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for model rewards")
+    parser.add_argument("--batch-size", type=int, help="images per reward call (default 1024 offline, 32 for models)")
+    args = parser.parse_args()
+    stage = "02_score.py"
+    names = [name.strip() for name in args.rewards.split(",") if name.strip()]
+    unknown = [name for name in names if name not in REWARDS and name not in MODEL_REWARDS]
+    if unknown or not names:
+        sys.exit(f"{stage}: error: unknown reward {', '.join(unknown) or '(none given)'}; "
+                 f"known: {', '.join([*REWARDS, *MODEL_REWARDS])}")
+    sources = {name: source for name, (_, source) in MODEL_REWARDS.items()}
+    for item in args.checkpoint:
+        name, _, source = item.partition("=")
+        if name not in MODEL_REWARDS or not source:
+            sys.exit(f"{stage}: error: --checkpoint {item!r} is not NAME=PATH_OR_ID with NAME one of "
+                     f"{', '.join(MODEL_REWARDS)}")
+        sources[name] = source
+    if args.batch_size is not None and args.batch_size < 1:
+        sys.exit(f"{stage}: error: --batch-size must be >= 1")
+    world.prepare_out(args.out, stage)
+    images = world.load_images(os.path.join(args.out, "images.npy"), stage)
+    captions = world.load_pt(os.path.join(args.out, "captions.pt"), ["alt", "long", "short"], stage, "01_caption.py")
+    if any(len(captions[k]) != len(images) for k in ("alt", "long", "short")):
+        sys.exit(f"{stage}: error: images.npy has {len(images)} images but captions.pt has "
+                 f"{len(captions['short'])} captions: re-run 01_caption.py")
+
+    # Under torchrun each rank scores a contiguous share; rank 0 merges the shares and writes.
+    rank, world_size = world.distributed(args.device)
+    share = world.shard(len(images), rank, world_size)
+    my_images, my_captions = images[share.start:share.stop], captions[args.caption][share.start:share.stop]
+    columns = []
+    for name in names:  # one model in memory at a time
+        if name in REWARDS:
+            reward, batch_size = REWARDS[name], args.batch_size or 1024
+        else:
+            loader, source = MODEL_REWARDS[name][0], sources[name]
+            reward = load_or_explain(name, source, lambda: loader(source, args.device))
+            batch_size = args.batch_size or 32
+        columns.append(score(reward, my_images, my_captions, batch_size, desc=name, progress=rank == 0))
+        del reward
+    parts = world.merge_parts(torch.stack(columns, 1), os.path.join(args.out, "scores.pt"), rank, world_size)
+    if rank:
+        return
+    scores = torch.cat(parts)  # (N, R)
+    out = {"names": names, "scores": scores, "dataset": world.dataset_id(captions), "version": VERSION,
+           "config": world.file_config(args)}
+    world.save_atomic(out, os.path.join(args.out, "scores.pt"))
+
+    print(f"scored {len(images)} images with {len(names)} rewards -> {args.out}/scores.pt")
+    print(f"{'reward':>14} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} {'NaN':>6}")
+    for name, column in zip(names, scores.T):
+        ok = column[~column.isnan()]
+        stats = [ok.mean(), ok.std(), ok.min(), ok.max()] if len(ok) else [float("nan")] * 4
+        print(f"{name:>14} " + " ".join(f"{float(v):8.3f}" for v in stats) + f" {int(column.isnan().sum()):6d}")
+    if scores.isnan().any():
+        print(f"{int(scores.isnan().sum())} score(s) could not be computed and are NaN; 03_bin.py gives them the middle bin")
+
+
+
 # ----------------------------------------------------------------------------- the paper's reward models
+# The real-model path (--rewards aesthetic,clip,...): the shapes world above never needs it.
 # Each loader takes (source, device): source is a hub id or a local checkpoint path. It
 # returns a function with the contract of REWARDS: (images uint8 [B, H, W, 3], captions)
 # -> float32 [B]. Backbones may run in bf16 on CUDA; heads and scores are fp32.
@@ -571,91 +659,6 @@ MODEL_REWARDS = {  # name -> (loader, default source)
     "vqascore": (load_vqascore, world.DEFAULT_CAPTIONER),
     "jinaclip": (load_jinaclip, "jinaai/jina-clip-v2"),  # does not load under transformers 5: use clip
 }
-
-
-def score(reward, images, captions, batch_size, desc=None, progress=True):
-    """Run one reward over all images in batches: float32 [N], NaN where it failed.
-    A batch that raises is retried image by image, so one bad image costs only itself."""
-    out = torch.full((len(images),), float("nan"))
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
-        batch, text = np.asarray(images[start:start + batch_size]), captions[start:start + batch_size]
-        try:
-            out[start:start + len(batch)] = reward(batch, text)
-        except Exception:
-            for i in range(len(batch)):
-                try:
-                    out[start + i] = reward(batch[i:i + 1], text[i:i + 1])[0]
-                except Exception:
-                    pass
-    out[~torch.isfinite(out)] = float("nan")
-    return out
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt)")
-    parser.add_argument("--rewards", default=",".join(REWARDS),
-                        help=f"comma-separated, offline: {', '.join(REWARDS)}; models: {', '.join(MODEL_REWARDS)} "
-                             "(jinaclip does not load under transformers 5: use clip)")
-    parser.add_argument("--caption", default="short", choices=["short", "long", "alt"], help="caption the rewards read")
-    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH_OR_ID",
-                        help="where a model reward's weights are (repeatable); defaults: "
-                             + ", ".join(f"{name}={source}" for name, (_, source) in MODEL_REWARDS.items()))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for model rewards")
-    parser.add_argument("--batch-size", type=int, help="images per reward call (default 1024 offline, 32 for models)")
-    args = parser.parse_args()
-    stage = "02_score.py"
-    names = [name.strip() for name in args.rewards.split(",") if name.strip()]
-    unknown = [name for name in names if name not in REWARDS and name not in MODEL_REWARDS]
-    if unknown or not names:
-        sys.exit(f"{stage}: error: unknown reward {', '.join(unknown) or '(none given)'}; "
-                 f"known: {', '.join([*REWARDS, *MODEL_REWARDS])}")
-    sources = {name: source for name, (_, source) in MODEL_REWARDS.items()}
-    for item in args.checkpoint:
-        name, _, source = item.partition("=")
-        if name not in MODEL_REWARDS or not source:
-            sys.exit(f"{stage}: error: --checkpoint {item!r} is not NAME=PATH_OR_ID with NAME one of "
-                     f"{', '.join(MODEL_REWARDS)}")
-        sources[name] = source
-    if args.batch_size is not None and args.batch_size < 1:
-        sys.exit(f"{stage}: error: --batch-size must be >= 1")
-    world.prepare_out(args.out, stage)
-    images = world.load_images(os.path.join(args.out, "images.npy"), stage)
-    captions = world.load_pt(os.path.join(args.out, "captions.pt"), ["alt", "long", "short"], stage, "01_caption.py")
-    if any(len(captions[k]) != len(images) for k in ("alt", "long", "short")):
-        sys.exit(f"{stage}: error: images.npy has {len(images)} images but captions.pt has "
-                 f"{len(captions['short'])} captions: re-run 01_caption.py")
-
-    # Under torchrun each rank scores a contiguous share; rank 0 merges the shares and writes.
-    rank, world_size = world.distributed(args.device)
-    share = world.shard(len(images), rank, world_size)
-    my_images, my_captions = images[share.start:share.stop], captions[args.caption][share.start:share.stop]
-    columns = []
-    for name in names:  # one model in memory at a time
-        if name in REWARDS:
-            reward, batch_size = REWARDS[name], args.batch_size or 1024
-        else:
-            loader, source = MODEL_REWARDS[name][0], sources[name]
-            reward = load_or_explain(name, source, lambda: loader(source, args.device))
-            batch_size = args.batch_size or 32
-        columns.append(score(reward, my_images, my_captions, batch_size, desc=name, progress=rank == 0))
-        del reward
-    parts = world.merge_parts(torch.stack(columns, 1), os.path.join(args.out, "scores.pt"), rank, world_size)
-    if rank:
-        return
-    scores = torch.cat(parts)  # (N, R)
-    out = {"names": names, "scores": scores, "dataset": world.dataset_id(captions), "version": VERSION,
-           "config": world.file_config(args)}
-    world.save_atomic(out, os.path.join(args.out, "scores.pt"))
-
-    print(f"scored {len(images)} images with {len(names)} rewards -> {args.out}/scores.pt")
-    print(f"{'reward':>14} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} {'NaN':>6}")
-    for name, column in zip(names, scores.T):
-        ok = column[~column.isnan()]
-        stats = [ok.mean(), ok.std(), ok.min(), ok.max()] if len(ok) else [float("nan")] * 4
-        print(f"{name:>14} " + " ".join(f"{float(v):8.3f}" for v in stats) + f" {int(column.isnan().sum()):6d}")
-    if scores.isnan().any():
-        print(f"{int(scores.isnan().sum())} score(s) could not be computed and are NaN; 03_bin.py gives them the middle bin")
 
 
 if __name__ == "__main__":

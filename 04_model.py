@@ -226,101 +226,6 @@ class TextEncoder(nn.Module):
         return self.norm(x), mask
 
 
-class FrozenOpenCLIP:
-    """The text tower of an open_clip CLIP. Token states: the per-token output of its final layer norm
-    (CLIP's text embedding is the end token's state, projected)."""
-
-    def __init__(self, name, pretrained):
-        import open_clip  # lazy: the default path needs only its tokenizer
-        if not pretrained:  # none named: open_clip's first listed weights for ARCH
-            pretrained = (open_clip.list_pretrained_tags_by_model(name) or [None])[0]
-        quick_gelu = open_clip.get_pretrained_cfg(name, pretrained or "").get("quick_gelu", False)  # OpenAI's
-        logging.disable(logging.ERROR)  # open_clip logs a failed download before raising it: one line is ours
-        try:
-            model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
-        finally:
-            logging.disable(logging.NOTSET)
-        if getattr(model, "attn_mask", None) is None:  # a HF or bidirectional text tower
-            sys.exit(f"{SCRIPT}: error: openclip:{name}: only CLIP models with open_clip's own causal text "
-                     "transformer are supported (e.g. ViT-L-14, ViT-H-14, ViT-bigG-14)")
-        del model.visual  # text only (ViT-H-14's image tower is 632M parameters)
-        self.model, self.tokenizer, self.width = model, open_clip.get_tokenizer(name), model.transformer.width
-
-    def tokenize(self, texts, length):
-        if length > self.model.context_length:
-            sys.exit(f"{SCRIPT}: error: text_len {length} is longer than CLIP's {self.model.context_length} positions")
-        return self.tokenizer(list(texts), context_length=length)  # start, BPE ids, end, then zeros
-
-    def __call__(self, ids):
-        """ids (B, L) -> states (B, L, width), mask (B, L): True up to and including the end token."""
-        model, L = self.model, ids.shape[1]
-        x = model.token_embedding(ids) + model.positional_embedding[:L]
-        # causal attention: no token sees the padding after it, so L < 77 positions give the same states
-        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:L, :L]))
-        end = (ids == self.tokenizer.eot_token_id).int().argmax(1)  # (B,)
-        return x, torch.arange(L, device=ids.device) <= end[:, None]
-
-
-class FrozenT5:
-    """A T5 encoder (transformers). Token states: the encoder's last hidden state."""
-
-    def __init__(self, source):
-        from transformers import AutoTokenizer, T5EncoderModel  # lazy: the default path never needs them
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
-        self.model, info = T5EncoderModel.from_pretrained(source, output_loading_info=True)  # drops the decoder
-        if info["missing_keys"]:  # strict: a missing weight would silently stay random
-            raise RuntimeError(f"{source}: missing keys in the state_dict: {sorted(info['missing_keys'])[:3]}")
-        self.width = self.model.config.d_model
-
-    def tokenize(self, texts, length):  # words, </s>, then <pad>
-        return self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
-                              return_tensors="pt").input_ids
-
-    def __call__(self, ids):
-        mask = ids != self.tokenizer.pad_token_id  # (B, L) the tokenizer's attention mask
-        return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state, mask
-
-
-@functools.lru_cache(maxsize=None)
-def frozen_text_encoder(spec):
-    """'openclip:ARCH[:PRETRAINED_OR_PATH]', 'openclip:local-dir:FOLDER' or 't5:ID_OR_PATH' -> the encoder,
-    loaded once per process and shared by every TextRIN that names it (a model and its EMA copy)."""
-    kind, _, source = spec.partition(":")
-    name, _, pretrained = source.partition(":")
-    if name in ("local-dir", "hf-hub"):  # open_clip's folder (or hub repo) of config and weights
-        name, pretrained = source, None
-    try:
-        if kind == "t5" and source:
-            encoder = FrozenT5(source)
-        elif kind == "openclip" and source:
-            encoder = FrozenOpenCLIP(name, pretrained)
-        else:
-            sys.exit(f"{SCRIPT}: error: unknown text encoder {spec!r}: own, openclip:ARCH[:PRETRAINED_OR_PATH] "
-                     "(e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl)")
-    except (OSError, ValueError, RuntimeError) as e:
-        if "state_dict" in str(e):
-            raise  # wrong keys in a checkpoint are a real error, not a missing download
-        local = "t5:/path/to/folder" if kind == "t5" else (f"openclip:{'ARCH' if ':' in name else name}:/path/to/"
-                                                         "open_clip_pytorch_model.bin (or openclip:local-dir:FOLDER)")
-        reason = " ".join(str(e).split()).split(". ")[0][:160]  # its first sentence, on one line
-        sys.exit(f"{SCRIPT}: error: cannot load text encoder {spec!r} ({type(e).__name__}: {reason}): "
-                 f"download it where the hub is reachable, or pass a local path: --text-encoder {local}")
-    encoder.model.eval().requires_grad_(False)  # frozen: no dropout, no gradients, never in an optimizer
-    return encoder
-
-
-@torch.compiler.disable  # eager, outside a compiled graph: it has no backward
-@torch.no_grad()
-def frozen_states(spec, ids):
-    """ids (B, L) -> the frozen encoder's states (B, L, width) and mask (B, L), without autograd.
-    Not a submodule of TextRIN (so in none of its parameters, state dict or .to()), the encoder moves to
-    the ids' device here, bf16 on CUDA. A training step calls it once (TextRIN.forward encodes the
-    caption once for both self-conditioning passes)."""
-    encoder = frozen_text_encoder(spec)
-    encoder.model.to(ids.device, torch.bfloat16 if ids.device.type == "cuda" else torch.float32)
-    return encoder(ids)
-
-
 # ----------------------------------------------------------------------------- the network
 class TextRIN(nn.Module):
     """v = net(x_t, t, reward levels, caption): the velocity of paper eq. 2, and the latents."""
@@ -472,6 +377,103 @@ def main():
         tokens = f"{num_tokens}+{model_args['num_latents']}+{1 + args.rewards + model_args['text_len']}"
         print(f"{preset:>6} {params / 1e6:8.1f}M {text_params / 1e6:8.1f}M {model_args['image_size']:>4} {tokens:>13} "
               f"{(text_flops + denoise_flops) / 1e9:14.2f} {sample_flops / 1e9:18.1f}  {checks}")
+
+
+# ----------------------------------------------------------------------------- frozen pretrained text encoders
+# The real-model path (--text-encoder openclip:... or t5:...): the default own encoder never needs it.
+class FrozenOpenCLIP:
+    """The text tower of an open_clip CLIP. Token states: the per-token output of its final layer norm
+    (CLIP's text embedding is the end token's state, projected)."""
+
+    def __init__(self, name, pretrained):
+        import open_clip  # lazy: the default path needs only its tokenizer
+        if not pretrained:  # none named: open_clip's first listed weights for ARCH
+            pretrained = (open_clip.list_pretrained_tags_by_model(name) or [None])[0]
+        quick_gelu = open_clip.get_pretrained_cfg(name, pretrained or "").get("quick_gelu", False)  # OpenAI's
+        logging.disable(logging.ERROR)  # open_clip logs a failed download before raising it: one line is ours
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+        finally:
+            logging.disable(logging.NOTSET)
+        if getattr(model, "attn_mask", None) is None:  # a HF or bidirectional text tower
+            sys.exit(f"{SCRIPT}: error: openclip:{name}: only CLIP models with open_clip's own causal text "
+                     "transformer are supported (e.g. ViT-L-14, ViT-H-14, ViT-bigG-14)")
+        del model.visual  # text only (ViT-H-14's image tower is 632M parameters)
+        self.model, self.tokenizer, self.width = model, open_clip.get_tokenizer(name), model.transformer.width
+
+    def tokenize(self, texts, length):
+        if length > self.model.context_length:
+            sys.exit(f"{SCRIPT}: error: text_len {length} is longer than CLIP's {self.model.context_length} positions")
+        return self.tokenizer(list(texts), context_length=length)  # start, BPE ids, end, then zeros
+
+    def __call__(self, ids):
+        """ids (B, L) -> states (B, L, width), mask (B, L): True up to and including the end token."""
+        model, L = self.model, ids.shape[1]
+        x = model.token_embedding(ids) + model.positional_embedding[:L]
+        # causal attention: no token sees the padding after it, so L < 77 positions give the same states
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:L, :L]))
+        end = (ids == self.tokenizer.eot_token_id).int().argmax(1)  # (B,)
+        return x, torch.arange(L, device=ids.device) <= end[:, None]
+
+
+class FrozenT5:
+    """A T5 encoder (transformers). Token states: the encoder's last hidden state."""
+
+    def __init__(self, source):
+        from transformers import AutoTokenizer, T5EncoderModel  # lazy: the default path never needs them
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model, info = T5EncoderModel.from_pretrained(source, output_loading_info=True)  # drops the decoder
+        if info["missing_keys"]:  # strict: a missing weight would silently stay random
+            raise RuntimeError(f"{source}: missing keys in the state_dict: {sorted(info['missing_keys'])[:3]}")
+        self.width = self.model.config.d_model
+
+    def tokenize(self, texts, length):  # words, </s>, then <pad>
+        return self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def __call__(self, ids):
+        mask = ids != self.tokenizer.pad_token_id  # (B, L) the tokenizer's attention mask
+        return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state, mask
+
+
+@functools.lru_cache(maxsize=None)
+def frozen_text_encoder(spec):
+    """'openclip:ARCH[:PRETRAINED_OR_PATH]', 'openclip:local-dir:FOLDER' or 't5:ID_OR_PATH' -> the encoder,
+    loaded once per process and shared by every TextRIN that names it (a model and its EMA copy)."""
+    kind, _, source = spec.partition(":")
+    name, _, pretrained = source.partition(":")
+    if name in ("local-dir", "hf-hub"):  # open_clip's folder (or hub repo) of config and weights
+        name, pretrained = source, None
+    try:
+        if kind == "t5" and source:
+            encoder = FrozenT5(source)
+        elif kind == "openclip" and source:
+            encoder = FrozenOpenCLIP(name, pretrained)
+        else:
+            sys.exit(f"{SCRIPT}: error: unknown text encoder {spec!r}: own, openclip:ARCH[:PRETRAINED_OR_PATH] "
+                     "(e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl)")
+    except (OSError, ValueError, RuntimeError) as e:
+        if "state_dict" in str(e):
+            raise  # wrong keys in a checkpoint are a real error, not a missing download
+        local = "t5:/path/to/folder" if kind == "t5" else (f"openclip:{'ARCH' if ':' in name else name}:/path/to/"
+                                                         "open_clip_pytorch_model.bin (or openclip:local-dir:FOLDER)")
+        reason = " ".join(str(e).split()).split(". ")[0][:160]  # its first sentence, on one line
+        sys.exit(f"{SCRIPT}: error: cannot load text encoder {spec!r} ({type(e).__name__}: {reason}): "
+                 f"download it where the hub is reachable, or pass a local path: --text-encoder {local}")
+    encoder.model.eval().requires_grad_(False)  # frozen: no dropout, no gradients, never in an optimizer
+    return encoder
+
+
+@torch.compiler.disable  # eager, outside a compiled graph: it has no backward
+@torch.no_grad()
+def frozen_states(spec, ids):
+    """ids (B, L) -> the frozen encoder's states (B, L, width) and mask (B, L), without autograd.
+    Not a submodule of TextRIN (so in none of its parameters, state dict or .to()), the encoder moves to
+    the ids' device here, bf16 on CUDA. A training step calls it once (TextRIN.forward encodes the
+    caption once for both self-conditioning passes)."""
+    encoder = frozen_text_encoder(spec)
+    encoder.model.to(ids.device, torch.bfloat16 if ids.device.type == "cuda" else torch.float32)
+    return encoder(ids)
 
 
 if __name__ == "__main__":
