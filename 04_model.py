@@ -19,11 +19,16 @@ Latent self-conditioning: the latents of a previous pass (detached) are added to
 initial latents, so the network refines its own guess across sampling steps. 05_train.py
 feeds them 90% of the time, from a first pass without gradients.
 
-Output skip (EDM-style preconditioning, Karras et al. 2022): the network's raw output F is
-mixed with its input, v = c_skip(t) x_t + c_out(t) F, where c_skip x_t is the best linear
-guess of v = eps - x from x_t alone (images of RMS sigma_data) and c_out the RMS of what
-it leaves. With F = 0 the network already predicts the blurred mean at t = 1 instead of
-copying noise into its guess of x; F learns the rest, a unit-variance target at every t.
+What the network's raw output F stands for (prediction=):
+  - "x" (the tiny preset): F is the clean image, and v = (x_t - F) / t, the velocity that
+    leads from x_t to F (t clamped at T_MIN). A 16x16-pixel patch holds 768 values, more
+    than its 256-wide token: the token cannot carry the noise that v = eps - x contains,
+    but clean images are far simpler than noise, so it can carry the image (Li & He 2025,
+    "Back to Basics: Let Denoising Generative Models Denoise").
+  - "v": F is mixed with the input, v = c_skip(t) x_t + c_out(t) F (EDM-style
+    preconditioning, Karras et al. 2022), where c_skip x_t is the best linear guess of
+    v = eps - x from x_t alone (images of RMS sigma_data) and c_out the RMS of what it
+    leaves: F learns a unit-variance target at every t.
 
 Text: by default a small trainable transformer over open_clip's CLIP BPE tokenizer
 (offline, no download). The denoiser only sees `encode_text`'s output, (B, L, latent_dim)
@@ -55,10 +60,13 @@ from torch.utils.flop_counter import FlopCounterMode
 # Sizes. image_size/patch_size set the interface (patch tokens), num_latents x latent_dim
 # the latents, num_blocks x num_layers the depth. `paper` has the released MIRO network's
 # depth and latents (4 blocks x 4 layers, 256 latents x 1024, as its README states); the
-# interface (256 tokens of width 256) is our choice for 256 px images.
+# interface (256 tokens of width 256) is our choice for 256 px images. `tiny` cuts its 32 px
+# images into 16x16-pixel patches, one token per cell of the shapes world's 2x2 layout, and
+# predicts the clean image: with 4x4-pixel patches and v-prediction each patch denoised on
+# its own and samples came out as patches of colour, not shapes.
 PRESETS = {
-    "tiny": dict(image_size=32, patch_size=4, data_dim=192, latent_dim=128, num_latents=32, num_blocks=2,
-                 num_layers=2, heads=4, text_dim=128, text_layers=2, text_len=64),
+    "tiny": dict(image_size=32, patch_size=16, data_dim=256, latent_dim=128, num_latents=32, num_blocks=2,
+                 num_layers=2, heads=4, text_dim=128, text_layers=2, text_len=64, prediction="x"),
     "small": dict(image_size=64, patch_size=4, data_dim=256, latent_dim=512, num_latents=128, num_blocks=4,
                   num_layers=2, heads=8, text_dim=512, text_layers=4, text_len=64),
     "paper": dict(image_size=256, patch_size=16, data_dim=256, latent_dim=1024, num_latents=256, num_blocks=4,
@@ -66,6 +74,7 @@ PRESETS = {
 }
 VOCAB_SIZE = 49408  # open_clip's CLIP BPE vocabulary; 0 pads, 49406 starts, 49407 ends a caption
 PAD_ID = 0          # the padding id of every tokenizer here (CLIP BPE, open_clip's, T5's)
+T_MIN = 0.05        # x-prediction divides by t: below this the velocity's scale stops growing
 SCRIPT = os.path.basename(sys.argv[0])  # the stage running this code, for its error lines
 
 
@@ -170,6 +179,12 @@ def skip_scales(t, sigma_data):
     return c_skip, (1 + s2 - c_skip * cov).clamp_min(1e-8).sqrt()
 
 
+def velocity_from_image(x_t, x_hat, t):
+    """v = (x_t - x_hat) / t: the velocity of the straight path from x_hat through x_t, the
+    target eps - x exactly when x_hat = x (x_t = (1 - t) x + t eps); t clamped at T_MIN."""
+    return (x_t - x_hat) / t.float().view(-1, 1, 1, 1).clamp_min(T_MIN)  # t in float32, as in skip_scales
+
+
 def positions(n, dim):
     """(n, dim) fixed sin/cos codes of positions 0..n-1 (Vaswani et al.), values in [-1, 1]."""
     freqs = torch.exp(-math.log(1e4) * torch.arange(dim // 2) / (dim // 2))
@@ -231,9 +246,12 @@ class TextRIN(nn.Module):
     """v = net(x_t, t, reward levels, caption): the velocity of paper eq. 2, and the latents."""
 
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
-                 heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own"):
+                 heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
+                 prediction="v"):
         super().__init__()
-        self.sigma_data, self.text_encoder = sigma_data, text_encoder
+        if prediction not in ("v", "x"):
+            raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
+        self.sigma_data, self.text_encoder, self.prediction = sigma_data, text_encoder, prediction
         self.image_size, self.patch_size, self.num_rewards, self.text_len = image_size, patch_size, num_rewards, text_len
         num_patches, patch_values = (image_size // patch_size) ** 2, 3 * patch_size ** 2
         # interface: patches in and out
@@ -299,6 +317,8 @@ class TextRIN(nn.Module):
             patches, latents = block(patches, latents, cond, cond_mask)
         out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)
         out = out.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
+        if self.prediction == "x":  # out is the clean image
+            return velocity_from_image(x_t, out, t), latents
         c_skip, c_out = skip_scales(t, self.sigma_data)
         return c_skip * x_t + c_out * out, latents
 

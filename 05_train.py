@@ -6,6 +6,12 @@ Each training image x comes with a caption c and its reward levels s = bins / (B
     x_t = (1 - t) x + t eps          t = 1 is pure noise, t = 0 is data
     loss = || v(x_t, t, c, s) - (eps - x) ||^2                        (paper eq. 2)
 
+weighted by t^2 (--loss-weight image, the default): t^2 || v - (eps - x) ||^2 is the error of
+the image the network implies, || x_hat - x ||^2 with x_hat = x_t - t v, the same optimum at
+every t. Unweighted, a network that predicts the image (04_model.py, prediction "x") has its
+error divided by t^2, and the nearly clean steps, where the caption no longer matters, drown
+out the noisy ones, where it decides what is drawn. --loss-weight velocity is eq. 2 as written.
+
 `--rewards none` trains the unconditioned baseline and `--rewards NAME` a single-reward
 model with the same script: only the number of reward tokens changes. `--captions mix`
 shows each image with its alt text, its long or its short caption, a third each: the paper
@@ -64,8 +70,9 @@ def noisy(x, eps, t):
     return (1 - t) * x + t * eps
 
 
-def flow_matching_loss(model, x, eps, t, levels, ids, self_cond):
-    """Per-image loss ||v(x_t) - (eps - x)||^2 (paper eq. 2), with latent self-conditioning.
+def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image"):
+    """Per-image loss ||v(x_t) - (eps - x)||^2 (paper eq. 2), times max(t, T_MIN)^2 with
+    weight "image" (the squared error of x_hat = x_t - t v), with latent self-conditioning.
 
     self_cond (B,) is 1 where the network first makes a guess without gradients and then
     sees its own (detached) latents, 0 where it sees zeros, as at the first sampling step.
@@ -74,7 +81,8 @@ def flow_matching_loss(model, x, eps, t, levels, ids, self_cond):
     if not self_cond.any():  # no image would use the first pass: skip it
         self_cond = None
     v, _ = model(noisy(x, eps, t), t, levels, ids, self_cond=self_cond)  # both passes in one call (04_model.py)
-    return (v.float() - (eps - x)).square().mean(dim=(1, 2, 3))  # (B,)
+    loss = (v.float() - (eps - x)).square().mean(dim=(1, 2, 3))  # (B,)
+    return loss * t.float().clamp_min(net.T_MIN).square() if weight == "image" else loss
 
 
 # ----------------------------------------------------------------------------- data
@@ -294,7 +302,7 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast:
-            per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond)
+            per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond, args.loss_weight)
         loss = per_image.mean()
         grad_norm = backward(loss, raw_model, optimizer, scaler, args.grad_clip)
         loss_value = loss.item()
@@ -400,7 +408,7 @@ def time_train_steps(model, model_args, args, device, peak):
 
     def one_step():
         with autocast:
-            loss = flow_matching_loss(compiled, x, eps, t, levels, ids, self_cond).mean()
+            loss = flow_matching_loss(compiled, x, eps, t, levels, ids, self_cond, args.loss_weight).mean()
         backward(loss, model, optimizer, scaler, args.grad_clip)
         update(optimizer, scaler)
 
@@ -468,6 +476,8 @@ def main():
                         "frozen: openclip:ARCH[:PRETRAINED_OR_PATH] (e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or "
                         "t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl); only a projection of it is trained")
     parser.add_argument("--text-drop", type=float, default=0.1, help="probability of an empty caption (text CFG)")
+    parser.add_argument("--loss-weight", default="image", choices=["image", "velocity"],
+                        help="image: eq. 2 times t^2, the error of the implied clean image; velocity: eq. 2 as written")
     parser.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                         help="autocast: auto = bf16 on CUDA (fp16 + GradScaler without bf16), off on CPU")

@@ -139,10 +139,34 @@ class Oracle(torch.nn.Module):
 
 def test_loss_is_zero_for_the_true_velocity_and_grows_with_the_error():
     x, eps = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
-    t, levels, ids, self_cond = torch.rand(4), torch.rand(4, 2), torch.zeros(4, 5, dtype=torch.long), torch.ones(4)
-    assert torch.equal(train.flow_matching_loss(Oracle(x, eps), x, eps, t, levels, ids, self_cond), torch.zeros(4))
-    off = train.flow_matching_loss(Oracle(x, eps, shift=0.5), x, eps, t, levels, ids, self_cond)
+    t, levels, ids, self_cond = torch.tensor([0.01, 0.3, 0.6, 0.9]), torch.rand(4, 2), torch.zeros(4, 5, dtype=torch.long), torch.ones(4)
+    for weight in ("image", "velocity"):
+        assert torch.equal(train.flow_matching_loss(Oracle(x, eps), x, eps, t, levels, ids, self_cond, weight), torch.zeros(4))
+    off = train.flow_matching_loss(Oracle(x, eps, shift=0.5), x, eps, t, levels, ids, self_cond, "velocity")
     assert torch.allclose(off, torch.full((4,), 0.25))
+    # image weighting: a velocity off by 0.5 puts x_hat = x_t - t v off by 0.5 t (t clamped at T_MIN)
+    off = train.flow_matching_loss(Oracle(x, eps, shift=0.5), x, eps, t, levels, ids, self_cond, "image")
+    assert torch.allclose(off, 0.25 * torch.tensor([0.05, 0.3, 0.6, 0.9]) ** 2)
+
+
+def test_velocity_from_the_true_image_is_the_target():
+    x, eps, t = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8), torch.tensor([0.05, 0.3, 0.6, 1.0])
+    v = net.velocity_from_image(train.noisy(x, eps, t), x, t)
+    assert torch.allclose(v, eps - x, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["x", "v"])
+def test_raw_output_is_the_image_or_the_skip_residual(prediction):
+    """With the output layer zeroed, an x-predicting net guesses the image 0 (v = x_t / t) and a
+    v-predicting one the linear guess c_skip x_t."""
+    model, args = tiny(1, prediction=prediction)
+    torch.nn.init.zeros_(model.patch_out.weight), torch.nn.init.zeros_(model.patch_out.bias)
+    x_t, _, levels, ids = net.dummy_inputs(args, 3)
+    t = torch.tensor([0.02, 0.5, 1.0])
+    with torch.no_grad():
+        v, _ = model(x_t, t, levels, ids)
+    expect = x_t / t.clamp_min(net.T_MIN).view(-1, 1, 1, 1) if prediction == "x" else net.skip_scales(t, 0.5)[0] * x_t
+    assert torch.allclose(v, expect, atol=1e-5)
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16"])
