@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in shapes world: all seven stages in order, each writing into $OUT.
 # MIRO (all rewards) and the unconditioned baseline get the same network, data and steps.
-# About 15 minutes on a 2-core CPU, 3 on one H100 (see README, "The main job").
+# About 11 minutes on a 2-core CPU (see README, "The main job").
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
