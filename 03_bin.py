@@ -10,12 +10,12 @@ default subset is the whole dataset.
 Why B = 5 by default: the top bin (the best 20%) of each image-quality reward falls
 inside the images that escaped its degradation (each degradation spares at least half
 the images), so "level 1" means "not degraded", not an arbitrary slice of clean images;
-the joint top cell of all four rewards still holds about 1% of the images (197 of 20,000), so the default target
-s+ = [1, ..., 1] is in distribution; five levels are enough for the sweeps of 06/07.
+the joint top cell of all four rewards still holds some images (03 prints how many), so the
+default target s+ = [1, ..., 1] is in distribution; five levels are enough for the sweeps of 06/07.
 
 Ties, constants, NaN:
   - a score equal to an edge goes to the upper bin;
-  - a large tie (e.g. 37% of images with alignment exactly 1.0) makes some edges equal;
+  - a large tie (e.g. the many images with alignment exactly 1.0) makes some edges equal;
     the bins between equal edges would stay empty, so the bins that can hold images are
     spread evenly over 0..B-1: the worst images keep level 0 and the best level 1;
   - a reward that is constant on the calibration subset carries no signal: every image
