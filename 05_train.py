@@ -81,8 +81,10 @@ def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image")
     if not self_cond.any():  # no image would use the first pass: skip it
         self_cond = None
     v, _ = model(noisy(x, eps, t), t, levels, ids, self_cond=self_cond)  # both passes in one call (04_model.py)
-    loss = (v.float() - (eps - x)).square().mean(dim=(1, 2, 3))  # (B,)
-    return loss * t.float().clamp_min(net.T_MIN).square() if weight == "image" else loss
+    loss = (v.float() - (eps - x)).square().mean(dim=(1, 2, 3))  # (B,) paper eq. 2
+    if weight == "image":  # t^2 ||v - (eps - x)||^2 = ||x_hat - x||^2
+        loss = loss * t.float().clamp_min(net.T_MIN).square()
+    return loss
 
 
 # ----------------------------------------------------------------------------- data
