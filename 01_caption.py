@@ -13,7 +13,7 @@ and a spread of quality: four independent degradations (blur, luminance noise,
 washed-out colour, confetti clutter) so that every reward of 02_score.py spans its
 range. Captions never mention the degradations: only the rewards see them.
 
-    python 01_caption.py                          # 20,000 scenes at 32 px, ~20 s on a laptop CPU
+    python 01_caption.py                          # 20,000 scenes at 32 px
     python 01_caption.py --n 2000 --size 64 --out tiny
     python 01_caption.py --source folder --images DIR [--alt-file FILE]   # captions by Qwen2.5-VL-3B
     python 01_caption.py --source folder --images DIR --captioner google/gemma-3-12b-it  # the paper's
@@ -31,6 +31,7 @@ same bytes.
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+STAGE = "01_caption.py"  # in every error line of this stage
 VERSION = 2
 
 # ----------------------------------------------------------------------------- the world
@@ -131,7 +133,7 @@ def render(scene, size, specks=(), supersample=4):
         image[top:bottom, left:right][mask] = COLOURS[o["colour"]]
     for x, y, side, colour in specks:
         image[int(y * supersample):int((y + side) * supersample), int(x * supersample):int((x + side) * supersample)] = COLOURS[colour]
-    # the mean of each 4x4 block, summed one axis at a time (3x faster than .mean((1, 3)), and exact:
+    # the mean of each 4x4 block, summed one axis at a time (faster than .mean((1, 3)), and exact:
     # the colours are whole numbers)
     image = image.reshape(size, supersample, size, supersample, 3).sum(1).sum(2) / supersample**2
     return image.round().astype(np.uint8)
@@ -290,7 +292,7 @@ def load_folder(folder, size, alt_file=None, verbose=True):
     """Images under folder (recursive), centre-cropped and resized, with their alt text."""
     root = Path(folder)
     if not root.is_dir():
-        sys.exit(f"01_caption.py: error: --images {folder} is not a folder")
+        sys.exit(f"{STAGE}: error: --images {folder} is not a folder")
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     alt_of = read_alt_file(alt_file) if alt_file else {}
     images, alt, meta, skipped = [], [], [], 0
@@ -310,7 +312,7 @@ def load_folder(folder, size, alt_file=None, verbose=True):
     if skipped and verbose:
         print(f"skipped {skipped} unreadable file(s) of {len(paths)}")
     if not images:
-        sys.exit(f"01_caption.py: error: no readable jpg/png/webp image under {folder}")
+        sys.exit(f"{STAGE}: error: no readable jpg/png/webp image under {folder}")
     captions = {"alt": alt, "long": list(alt), "short": list(alt), "meta": meta, "source": "folder"}
     return np.stack(images), captions
 
@@ -375,14 +377,19 @@ def vlm_answers(model, processor, images, prompt, max_new_tokens):
 OPEN_TAG, CLOSE_TAG = re.compile(r"<\s*caption\s*>", re.I), re.compile(r"<\s*/\s*caption\s*>", re.I)
 
 
-def parse_caption(answer):
+def caption_from_answer(answer):
     """The caption between <CAPTION> and </CAPTION> in a model's answer, whitespace collapsed;
     None if there is none. Of several tagged captions the first non-empty one wins; a last
     tag left open (the answer ran out of tokens) still counts, and so does the text before a
     closing tag whose opening tag is missing. An answer with no tag at all is not trusted to
     be a caption (it is usually a preamble or a refusal)."""
     opened = OPEN_TAG.split(answer)
-    candidates = opened[1:] if len(opened) > 1 else CLOSE_TAG.split(answer)[:1] if CLOSE_TAG.search(answer) else []
+    if len(opened) > 1:  # the text after each opening tag
+        candidates = opened[1:]
+    elif CLOSE_TAG.search(answer):  # only a closing tag: the text before it
+        candidates = CLOSE_TAG.split(answer)[:1]
+    else:
+        candidates = []
     for candidate in candidates:
         text = " ".join(CLOSE_TAG.split(candidate)[0].split())
         if text:
@@ -403,12 +410,49 @@ def caption_folder(model, processor, root, captions, size, batch_size, max_new_t
         images = [read_square(Path(root) / captions["meta"][i]["file"], size) for i in batch]
         for kind, prompt, out in (("long", LONG_PROMPT, long), ("short", SHORT_PROMPT, short)):
             for i, answer in zip(batch, vlm_answers(model, processor, images, prompt, max_new_tokens)):
-                caption = parse_caption(answer)
+                caption = caption_from_answer(answer)
                 fallbacks[kind] += caption is None
                 out.append(captions["alt"][i] if caption is None else caption)
         bar.update(len(batch))
     bar.close()
     return long, short, fallbacks
+
+
+# ----------------------------------------------------------------------------- command lines
+# Every stage parses its flags with Parser and these types, so that a bad value stops the stage
+# in one line ("05_train.py: error: argument --lr: ...") before any file is read or written.
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def number(kind, low=None, high=None, low_open=False):
+    """An argparse type: int or float, finite, within [low, high] (low excluded if low_open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low} (got {text})")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high} (got {text})")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+count = number(int, 1)                        # how many of something: >= 1
+natural = number(int, 0)                      # a step, seed or period where 0 means none: >= 0
+fraction = number(float, 0.0, 1.0)            # a probability or a level: in [0, 1]
+positive = number(float, 0.0, low_open=True)  # a rate or a size: > 0
+non_negative = number(float, 0.0)             # a weight: >= 0
+finite = number(float)                        # any finite number
 
 
 # ----------------------------------------------------------------------------- files
@@ -490,6 +534,28 @@ def load_images(path, stage):
     return images
 
 
+def resolve_device(spec, stage):
+    """--device auto (CUDA if there is one, else CPU), cpu, cuda or cuda:N -> torch.device; under
+    torchrun, cuda is this process's GPU (LOCAL_RANK). Stops with one line for a device this
+    machine does not have."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        sys.exit(f"{stage}: error: --device {spec!r} is not a device: use auto, cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        sys.exit(f"{stage}: error: --device {spec!r}: use auto, cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit(f"{stage}: error: --device {spec} but no CUDA device is available: use --device cpu")
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+        if index >= torch.cuda.device_count():
+            sys.exit(f"{stage}: error: --device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        device = torch.device("cuda", index)
+    return device
+
+
 # ----------------------------------------------------------------------------- several GPUs
 # Under torchrun, 01 (captioning) and 02 (scoring) split the images: each rank does a
 # contiguous share and writes a part file, and rank 0 merges the parts in rank order.
@@ -533,31 +599,31 @@ def merge_parts(part, path, rank, world_size):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="out", help="working folder for every stage's files")
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out", help="working folder for every STAGE's files")
     parser.add_argument("--source", default="shapes", choices=["shapes", "folder"], help="built-in shapes world or a folder")
-    parser.add_argument("--n", type=int, default=20000, help="number of shapes-world scenes")
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels (32 default, 64 option)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shapes world")
+    parser.add_argument("--n", type=count, default=20000, help="number of shapes-world scenes")
+    parser.add_argument("--size", type=count, default=32, help="image side in pixels (32 default, 64 option)")
+    parser.add_argument("--seed", type=natural, default=0, help="seed of the shapes world")
     parser.add_argument("--images", help="folder of jpg/png/webp images (with --source folder)")
     parser.add_argument("--alt-file", help="alt text: JSON {file: text} or 'file<TAB>text' lines (else sidecar .txt)")
     parser.add_argument("--captioner", default=DEFAULT_CAPTIONER,
                         help="with --source folder: hub id or local folder of an image-text-to-text model, or none (keep the alt text)")
-    parser.add_argument("--caption-size", type=int, default=448, help="side in pixels of the square the captioner sees")
-    parser.add_argument("--caption-batch-size", type=int, default=8, help="images per generate call")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer of the captioner, in tokens")
+    parser.add_argument("--caption-size", type=count, default=448, help="side in pixels of the square the captioner sees")
+    parser.add_argument("--caption-batch-size", type=count, default=8, help="images per generate call")
+    parser.add_argument("--max-new-tokens", type=count, default=256, help="longest answer of the captioner, in tokens")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu: where the captioner runs")
     args = parser.parse_args()
-    stage = "01_caption.py"
     if args.source == "shapes" and (args.n < 1 or args.size < 16 or args.size % 16):
-        sys.exit(f"{stage}: error: --n must be >= 1 and --size a multiple of 16 (got {args.n}, {args.size})")
+        sys.exit(f"{STAGE}: error: --n must be >= 1 and --size a multiple of 16 (got {args.n}, {args.size})")
     if args.source == "folder" and not args.images:
-        sys.exit(f"{stage}: error: --source folder needs --images DIR")
+        sys.exit(f"{STAGE}: error: --source folder needs --images DIR")
     if min(args.caption_size, args.caption_batch_size, args.max_new_tokens) < 1:
-        sys.exit(f"{stage}: error: --caption-size, --caption-batch-size and --max-new-tokens must be >= 1")
-    prepare_out(args.out, stage)
-
+        sys.exit(f"{STAGE}: error: --caption-size, --caption-batch-size and --max-new-tokens must be >= 1")
     captioning = args.source == "folder" and args.captioner != "none"
+    device = resolve_device(args.device, STAGE) if captioning else None
+    prepare_out(args.out, STAGE)
+
     rank, world_size = distributed(args.device) if captioning else (0, 1)
     if args.source == "shapes":
         images, captions = make_shapes(args.n, args.size, args.seed)
@@ -565,12 +631,8 @@ def main():
         images, captions = load_folder(args.images, args.size, args.alt_file, verbose=rank == 0)
         fallbacks = {"long": len(images), "short": len(images)}  # every caption is the alt text ...
         if captioning:  # ... unless a model writes them: each rank captions its share, rank 0 gathers
-            name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-            if name == "cuda" and not torch.cuda.is_available():
-                sys.exit(f"{stage}: error: --device cuda but no CUDA device is available")
-            device = torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
             model, processor = load_or_explain(
-                stage, "the captioner", args.captioner, lambda: load_vlm(args.captioner, device),
+                STAGE, "the captioner", args.captioner, lambda: load_vlm(args.captioner, device),
                 f"pass --captioner DIR (hf download {args.captioner} --local-dir DIR), or --captioner none")
             long, short, fallbacks = caption_folder(model, processor, args.images, captions, args.caption_size,
                                                     args.caption_batch_size, args.max_new_tokens, rank, world_size)

@@ -15,7 +15,7 @@ The registry REWARDS maps a name to a function (images uint8 [B, H, W, 3], capti
                    raise it, so it can be "hacked" at the cost of alignment, like the
                    aesthetic score of the paper
 
-    python 02_score.py                            # all offline rewards, ~20 s for 20,000 images
+    python 02_score.py                            # all offline rewards
     python 02_score.py --rewards alignment,sharpness --caption long
 
 The registry MODEL_REWARDS holds the paper's reward models, loaded from their public
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 world = importlib.import_module("01_caption")  # palette, kinds, file helpers
+STAGE = "02_score.py"  # in every error line of this stage
 VERSION = 2
 
 
@@ -150,7 +151,7 @@ RELATION = re.compile(rf"\bthe ({_COLOUR}) ({_KIND}) is (left of|right of|above|
 COUNT = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
 
 
-def parse_caption(text):
+def caption_facts(text):
     """Caption -> facts: ({(colour, kind): count}, relation or None). Works on the short
     and the long captions of the shapes world (repeated phrases add up)."""
     text = text.lower()
@@ -188,7 +189,7 @@ def alignment(images, captions, scenes=None):
     size = images.shape[1]
     scores = []
     for objects, caption in zip(detect(images) if scenes is None else scenes, captions):
-        groups, relation = parse_caption(caption)
+        groups, relation = caption_facts(caption)
         facts = check_facts(objects, groups, relation, size) if groups else []
         scores.append(sum(facts) / len(facts) if facts else float("nan"))
     return torch.tensor(scores, dtype=torch.float32)
@@ -249,7 +250,7 @@ def score(reward, images, captions, batch_size, desc=None, progress=True):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = world.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt)")
     parser.add_argument("--rewards", default=",".join(REWARDS),
                         help=f"comma-separated, offline: {', '.join(REWARDS)}; models: {', '.join(MODEL_REWARDS)} "
@@ -258,29 +259,27 @@ def main():
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH_OR_ID",
                         help="where a model reward's weights are (repeatable); defaults: "
                              + ", ".join(f"{name}={source}" for name, (_, source) in MODEL_REWARDS.items()))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for model rewards")
-    parser.add_argument("--batch-size", type=int, help="images per reward call (default 1024 offline, 32 for models)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu: where model rewards run")
+    parser.add_argument("--batch-size", type=world.count, help="images per reward call (default 1024 offline, 32 for models)")
     args = parser.parse_args()
-    stage = "02_score.py"
     names = [name.strip() for name in args.rewards.split(",") if name.strip()]
     unknown = [name for name in names if name not in REWARDS and name not in MODEL_REWARDS]
     if unknown or not names:
-        sys.exit(f"{stage}: error: unknown reward {', '.join(unknown) or '(none given)'}; "
+        sys.exit(f"{STAGE}: error: unknown reward {', '.join(unknown) or '(none given)'}; "
                  f"known: {', '.join([*REWARDS, *MODEL_REWARDS])}")
     sources = {name: source for name, (_, source) in MODEL_REWARDS.items()}
     for item in args.checkpoint:
         name, _, source = item.partition("=")
         if name not in MODEL_REWARDS or not source:
-            sys.exit(f"{stage}: error: --checkpoint {item!r} is not NAME=PATH_OR_ID with NAME one of "
+            sys.exit(f"{STAGE}: error: --checkpoint {item!r} is not NAME=PATH_OR_ID with NAME one of "
                      f"{', '.join(MODEL_REWARDS)}")
         sources[name] = source
-    if args.batch_size is not None and args.batch_size < 1:
-        sys.exit(f"{stage}: error: --batch-size must be >= 1")
-    world.prepare_out(args.out, stage)
-    images = world.load_images(os.path.join(args.out, "images.npy"), stage)
-    captions = world.load_pt(os.path.join(args.out, "captions.pt"), ["alt", "long", "short"], stage, "01_caption.py")
+    device = str(world.resolve_device(args.device, STAGE))
+    world.prepare_out(args.out, STAGE)
+    images = world.load_images(os.path.join(args.out, "images.npy"), STAGE)
+    captions = world.load_pt(os.path.join(args.out, "captions.pt"), ["alt", "long", "short"], STAGE, "01_caption.py")
     if any(len(captions[k]) != len(images) for k in ("alt", "long", "short")):
-        sys.exit(f"{stage}: error: images.npy has {len(images)} images but captions.pt has "
+        sys.exit(f"{STAGE}: error: images.npy has {len(images)} images but captions.pt has "
                  f"{len(captions['short'])} captions: re-run 01_caption.py")
 
     # Under torchrun each rank scores a contiguous share; rank 0 merges the shares and writes.
@@ -293,7 +292,7 @@ def main():
             reward, batch_size = REWARDS[name], args.batch_size or 1024
         else:
             loader, source = MODEL_REWARDS[name][0], sources[name]
-            reward = load_or_explain(name, source, lambda: loader(source, args.device))
+            reward = load_reward_model(name, source, lambda: loader(source, device))
             batch_size = args.batch_size or 32
         columns.append(score(reward, my_images, my_captions, batch_size, desc=name, progress=rank == 0))
         del reward
@@ -321,9 +320,9 @@ def main():
 # Each loader takes (source, device): source is a hub id or a local checkpoint path. It
 # returns a function with the contract of REWARDS: (images uint8 [B, H, W, 3], captions)
 # -> float32 [B]. Backbones may run in bf16 on CUDA; heads and scores are fp32.
-def load_or_explain(name, source, load):
+def load_reward_model(name, source, load):
     """load() a reward's model, or stop with one line saying how to provide its weights."""
-    return world.load_or_explain("02_score.py", f"reward {name}", source, load, f"pass --checkpoint {name}=LOCAL_PATH")
+    return world.load_or_explain(STAGE, f"reward {name}", source, load, f"pass --checkpoint {name}=LOCAL_PATH")
 
 
 # -- CLIP-family rewards: aesthetic, clip, pickscore, sciscore, hpsv2, jinaclip
@@ -352,7 +351,7 @@ def load_checkpoint(source):
 
 def also_needs(what, model_id, load):
     """load() a second download a reward needs (a backbone, a processor), naming it if it is missing."""
-    return world.load_or_explain("02_score.py", what, model_id, load, "it is then read from the Hugging Face cache")
+    return world.load_or_explain(STAGE, what, model_id, load, "it is then read from the Hugging Face cache")
 
 
 def hf_clip(source, processor_source, device):
@@ -460,10 +459,10 @@ def load_jinaclip(source, device):
     try:
         model = AutoModel.from_pretrained(source, trust_remote_code=True, dtype=backbone_dtype(device)).to(device).eval()
     except OSError:
-        raise  # not downloaded: load_or_explain says how to provide it
+        raise  # not downloaded: load_reward_model says how to provide it
     except Exception as e:  # its remote code fails to import or to build
         reason = (str(e) or type(e).__name__).splitlines()[0]
-        sys.exit(f"02_score.py: error: reward jinaclip does not load under transformers {__version__} "
+        sys.exit(f"{STAGE}: error: reward jinaclip does not load under transformers {__version__} "
                  f"({reason}): use --rewards clip instead")
 
     @torch.no_grad()
@@ -576,9 +575,9 @@ def load_imagereward(source, device):
         tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
         return state, med, tokenizer
 
-    state, med, tokenizer = load_or_explain("imagereward", source, load)
+    state, med, tokenizer = load_reward_model("imagereward", source, load)
     if len(tokenizer) != med["vocab_size"]:
-        sys.exit(f"02_score.py: error: imagereward: the tokenizer has {len(tokenizer)} words, "
+        sys.exit(f"{STAGE}: error: imagereward: the tokenizer has {len(tokenizer)} words, "
                  f"med_config.json says {med['vocab_size']}: use bert-base-uncased's vocab.txt")
     renamed = rename_imagereward_keys(state)  # first, so that a foreign checkpoint fails with its key names
     blocks = {int(m[1]) for m in (re.match(r"blip\.visual_encoder\.blocks\.(\d+)\.", k) for k in state) if m}

@@ -23,7 +23,7 @@ Ties, constants, NaN:
   - a NaN score (the reward failed on that image) gets the middle bin: "unknown" is
     treated as typical. Edges are fitted on the finite scores only.
 
-    python 03_bin.py                    # B = 5, ~2 s
+    python 03_bin.py                    # B = 5
     python 03_bin.py --bins 8 --calib 5000
 
 Reads OUT/scores.pt; writes OUT/bins.pt (names, num_bins, edges float [R, B+1],
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 world = importlib.import_module("01_caption")  # file helpers
+STAGE = "03_bin.py"  # in every error line of this stage
 VERSION = 1
 
 
@@ -96,25 +97,22 @@ def average_ranks(values):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = world.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out", help="working folder (reads scores.pt, writes bins.pt)")
-    parser.add_argument("--bins", type=int, default=5, help="number of bins B per reward (>= 2)")
-    parser.add_argument("--calib", type=int, default=50000, help="size of the calibration subset (all if larger than N)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
+    parser.add_argument("--bins", type=world.number(int, 2), default=5, help="number of bins B per reward (>= 2)")
+    parser.add_argument("--calib", type=world.count, default=50000, help="size of the calibration subset (all if larger than N)")
+    parser.add_argument("--seed", type=world.natural, default=0, help="seed of the calibration subset")
     args = parser.parse_args()
-    stage = "03_bin.py"
-    if args.bins < 2:
-        sys.exit(f"{stage}: error: --bins must be >= 2 (got {args.bins})")
     if args.calib < args.bins:
-        sys.exit(f"{stage}: error: --calib must be at least --bins (got {args.calib} < {args.bins})")
-    world.prepare_out(args.out, stage)
-    data = world.load_pt(os.path.join(args.out, "scores.pt"), ["names", "scores"], stage, "02_score.py")
+        sys.exit(f"{STAGE}: error: --calib must be at least --bins (got {args.calib} < {args.bins})")
+    world.prepare_out(args.out, STAGE)
+    data = world.load_pt(os.path.join(args.out, "scores.pt"), ["names", "scores"], STAGE, "02_score.py")
     names, scores = data["names"], data["scores"]
     if not (torch.is_tensor(scores) and scores.ndim == 2 and scores.shape[1] == len(names)):
-        sys.exit(f"{stage}: error: scores.pt holds no [N, {len(names)}] score tensor: re-run 02_score.py")
+        sys.exit(f"{STAGE}: error: scores.pt holds no [N, {len(names)}] score tensor: re-run 02_score.py")
     images_path = os.path.join(args.out, "images.npy")
     if os.path.exists(images_path) and len(np.load(images_path, mmap_mode="r")) != len(scores):
-        sys.exit(f"{stage}: error: scores.pt has {len(scores)} images but images.npy has "
+        sys.exit(f"{STAGE}: error: scores.pt has {len(scores)} images but images.npy has "
                  f"{len(np.load(images_path, mmap_mode='r'))}: re-run 02_score.py")
 
     N, B = len(scores), args.bins
@@ -124,7 +122,7 @@ def main():
     for r, name in enumerate(names):
         fitted = fit_edges(scores[calib_idx, r], B)
         if fitted is None:
-            sys.exit(f"{stage}: error: reward {name} is NaN on every calibration image: check it and re-run 02_score.py")
+            sys.exit(f"{STAGE}: error: reward {name} is NaN on every calibration image: check it and re-run 02_score.py")
         edges[r], bins[:, r] = fitted, assign_bins(scores[:, r], fitted)
 
     out = {"names": names, "num_bins": B, "edges": edges, "bins": bins, "calib_idx": calib_idx,

@@ -37,7 +37,7 @@ tokens and a (B, L) mask, so a frozen pretrained encoder can replace it
 text tower or a T5 encoder, each with its own tokenizer, and a trained linear map from its
 width to latent_dim.
 
-    python 04_model.py                  # every preset: size, FLOPs, self-checks (~1 min on CPU)
+    python 04_model.py                  # every preset: size, FLOPs, self-checks
     python 04_model.py --preset tiny
 
 Prints, per preset: parameters, forward FLOPs per image (torch.utils.flop_counter), the
@@ -214,7 +214,7 @@ def tokenize(texts, length, text_encoder="own"):
         return frozen_text_encoder(text_encoder).tokenize(texts, length)
     global _TOKENIZER
     if _TOKENIZER is None:  # open_clip's tokenizer.py loaded on its own: `import open_clip` would also import
-        # torchvision and timm, 2-3 s in every stage, for a tokenizer that needs only ftfy and regex
+        # torchvision and timm, seconds in every stage, for a tokenizer that needs only ftfy and regex
         path = os.path.join(importlib.util.find_spec("open_clip").submodule_search_locations[0], "tokenizer.py")
         spec = importlib.util.spec_from_file_location("open_clip_tokenizer", path)
         module = importlib.util.module_from_spec(spec)
@@ -257,7 +257,7 @@ class TextRIN(nn.Module):
         # interface: patches in and out
         self.patch_in = nn.Linear(patch_values, data_dim)
         # learned positions, started from 2-D sin/cos codes as strong as the normalised patches: with a
-        # small random start the network cannot tell where a patch is for its first ~1,000 steps
+        # small random start the network cannot tell where a patch is for its first thousand or so steps
         self.patch_pos = nn.Parameter(grid_positions(image_size // patch_size, data_dim))
         self.patch_norm = RMSNorm(data_dim)
         self.out_norm, self.patch_out = RMSNorm(data_dim), nn.Linear(data_dim, patch_values)

@@ -17,7 +17,7 @@ model with the same script: only the number of reward tokens changes. `--caption
 shows each image with its alt text, its long or its short caption, a third each: the paper
 mixes the original alt text with synthetic long and short captions.
 
-    python 05_train.py                                      # MIRO on the shapes world (tiny, CPU, ~5 min)
+    python 05_train.py                                      # MIRO on the shapes world (tiny preset, CPU)
     python 05_train.py --eval-every 100                     # + evaluations in log.jsonl (07_eval.py)
     python 05_train.py --rewards none --run baseline        # the same model without rewards
     python 05_train.py --rewards colourfulness --run only_colourfulness
@@ -99,7 +99,12 @@ def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
     if len(bins["bins"]) != N or bins.get("dataset") != world.dataset_id(captions):
         why = f"{len(bins['bins'])} images, not {N}" if len(bins["bins"]) != N else "its captions' fingerprint differs"
         sys.exit(f"{STAGE}: error: bins.pt was made from another dataset ({why}): re-run 02_score.py and 03_bin.py")
-    names = [] if reward_spec == "none" else list(bins["names"]) if reward_spec == "all" else reward_spec.split(",")
+    if reward_spec == "none":  # the baseline
+        names = []
+    elif reward_spec == "all":
+        names = list(bins["names"])
+    else:
+        names = reward_spec.split(",")
     unknown = [name for name in names if name not in bins["names"]]
     if unknown:
         sys.exit(f"{STAGE}: error: unknown reward {', '.join(unknown)}; bins.pt has: {', '.join(bins['names'])}")
@@ -233,9 +238,8 @@ def train(args):
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = world.resolve_device(args.device, STAGE)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.batch_size % world_size:
@@ -428,7 +432,7 @@ def time_train_steps(model, model_args, args, device, peak):
 
 def benchmark(args):
     """Train-step throughput and MFU per preset on this device (and of the released network with --official)."""
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = world.resolve_device(args.device, STAGE)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     peak = peak_flops(device, args.amp, args.peak_tflops)
@@ -457,7 +461,7 @@ def benchmark(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = world.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt, bins.pt)")
     parser.add_argument("--run", "--run-name", dest="run", default="miro",
                         help="run name: writes OUT/runs/RUN/ckpt.pt and log.jsonl (--run-name under torchrun)")
@@ -465,19 +469,19 @@ def main():
     parser.add_argument("--rewards", default="all", help="all, none (the baseline) or comma-separated names")
     parser.add_argument("--captions", default="mix", choices=["alt", "long", "short", "mix"],
                         help="caption shown with each image (mix: alt, long or short, a third each)")
-    parser.add_argument("--steps", type=int, default=600, help="total training steps (sets the lr schedule)")
-    parser.add_argument("--stop-at", type=int, default=0, help="stop early at this step (resume later with --resume)")
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (split across processes)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights kept for sampling")
-    parser.add_argument("--self-cond", type=float, default=0.9, help="probability of latent self-conditioning")
+    parser.add_argument("--steps", type=world.count, default=600, help="total training steps (sets the lr schedule)")
+    parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
+    parser.add_argument("--batch-size", type=world.count, default=32, help="global batch size (split across processes)")
+    parser.add_argument("--lr", type=world.positive, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=world.natural, default=50, help="linear warmup steps")
+    parser.add_argument("--weight-decay", type=world.non_negative, default=0.01, help="AdamW weight decay on matrices")
+    parser.add_argument("--grad-clip", type=world.positive, default=1.0, help="max gradient norm")
+    parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
+    parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of latent self-conditioning")
     parser.add_argument("--text-encoder", default="own", help="own (a small transformer trained with the net) or "
                         "frozen: openclip:ARCH[:PRETRAINED_OR_PATH] (e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or "
                         "t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl); only a projection of it is trained")
-    parser.add_argument("--text-drop", type=float, default=0.1, help="probability of an empty caption (text CFG)")
+    parser.add_argument("--text-drop", type=world.fraction, default=0.1, help="probability of an empty caption (text CFG)")
     parser.add_argument("--loss-weight", default="image", choices=["image", "velocity"],
                         help="image: eq. 2 times t^2, the error of the implied clean image; velocity: eq. 2 as written")
     parser.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
@@ -485,19 +489,19 @@ def main():
                         help="autocast: auto = bf16 on CUDA (fp16 + GradScaler without bf16), off on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of every step's draws")
-    parser.add_argument("--log-every", type=int, default=25, help="steps between log lines")
-    parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
-    parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations logged to log.jsonl (0: none)")
-    parser.add_argument("--eval-cfg", type=float, default=1.0, help="guidance weight of those evaluations")
-    parser.add_argument("--eval-steps", type=int, default=12, help="Euler steps of those evaluations")
-    parser.add_argument("--eval-per-task", type=int, default=4, help="GenEval-style prompts per task in those evaluations")
-    parser.add_argument("--eval-captions", type=int, default=32, help="held-out captions scored in those evaluations")
+    parser.add_argument("--seed", type=world.natural, default=0, help="seed of the initialisation and of every step's draws")
+    parser.add_argument("--log-every", type=world.count, default=25, help="steps between log lines")
+    parser.add_argument("--ckpt-every", type=world.count, default=500, help="steps between checkpoints")
+    parser.add_argument("--eval-every", type=world.natural, default=0, help="steps between evaluations logged to log.jsonl (0: none)")
+    parser.add_argument("--eval-cfg", type=world.finite, default=1.0, help="guidance weight of those evaluations")
+    parser.add_argument("--eval-steps", type=world.count, default=12, help="Euler steps of those evaluations")
+    parser.add_argument("--eval-per-task", type=world.count, default=4, help="GenEval-style prompts per task in those evaluations")
+    parser.add_argument("--eval-captions", type=world.count, default=32, help="held-out captions scored in those evaluations")
     parser.add_argument("--resume", action="store_true", help="continue OUT/runs/RUN from its checkpoint")
-    parser.add_argument("--peak-tflops", type=float, default=0, help="peak TFLOP/s for MFU (default: known GPU or measured CPU)")
+    parser.add_argument("--peak-tflops", type=world.non_negative, default=0, help="peak TFLOP/s for MFU (default: known GPU or measured CPU)")
     parser.add_argument("--benchmark", action="store_true", help="time train steps on random data, print img/s and MFU")
     parser.add_argument("--bench-presets", default="tiny", help="presets to benchmark, comma-separated")
-    parser.add_argument("--bench-steps", type=int, default=10, help="timed steps per benchmark")
+    parser.add_argument("--bench-steps", type=world.count, default=10, help="timed steps per benchmark")
     parser.add_argument("--official", action="store_true", help="also time the released MIRO network (miro-t2i)")
     args = parser.parse_args()
     bad_presets = [p for p in [args.preset] + args.bench_presets.split(",") if p not in net.PRESETS]

@@ -48,16 +48,17 @@ STAGE, VERSION = "06_sample.py", 1
 
 
 # ----------------------------------------------------------------------------- the run
-def load_run(out, run, use_ema=True, device="cpu"):
-    """The network of a run (EMA weights unless use_ema is False, in eval mode) and its checkpoint."""
+def load_run(out, run, use_ema=True, device="cpu", stage=STAGE):
+    """The network of a run (EMA weights unless use_ema is False, in eval mode) and its checkpoint.
+    stage names the stage that reads it in error lines (07_eval.py reads runs too)."""
     path = os.path.join(out, "runs", run, "ckpt.pt")
-    ckpt = world.load_pt(path, ["model", "ema", "model_args", "reward_names", "step"], STAGE, "05_train.py")
+    ckpt = world.load_pt(path, ["model", "ema", "model_args", "reward_names", "step"], stage, "05_train.py")
     bins_path = os.path.join(out, "bins.pt")
     if ckpt["reward_names"] and os.path.exists(bins_path):
-        names = list(world.load_pt(bins_path, ["names"], STAGE, "03_bin.py")["names"])
+        names = list(world.load_pt(bins_path, ["names"], stage, "03_bin.py")["names"])
         missing = [name for name in ckpt["reward_names"] if name not in names]
         if missing:
-            sys.exit(f"{STAGE}: error: run {run} was trained on rewards {', '.join(missing)} that bins.pt does not "
+            sys.exit(f"{stage}: error: run {run} was trained on rewards {', '.join(missing)} that bins.pt does not "
                      f"have ({', '.join(names)}): re-run 05_train.py on this bins.pt")
     model = net.TextRIN(**ckpt["model_args"]).to(device).eval().requires_grad_(False)
     model.load_state_dict(ckpt["ema" if use_ema else "model"])
@@ -241,32 +242,32 @@ def targets_for(args, names):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = world.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out")
     parser.add_argument("--run", "--run-name", dest="run", default="miro")
     parser.add_argument("--prompts", help="a text file, one prompt a line (default: held-out captions)")
-    parser.add_argument("--n", type=int, default=16, help="number of held-out captions when --prompts is not given")
+    parser.add_argument("--n", type=world.count, default=16, help="number of held-out captions when --prompts is not given")
     parser.add_argument("--caption-kind", default="short", choices=["alt", "long", "short"])
     parser.add_argument("--pos", help="s+: levels in reward order (1,0.5,...) or name=level,...; default all 1")
     parser.add_argument("--neg", help="s-: as --pos; default all 0")
-    parser.add_argument("--cfg", type=float, default=1.0, help="guidance weight w of eq. 3 (0: no guidance)")
+    parser.add_argument("--cfg", type=world.finite, default=1.0, help="guidance weight w of eq. 3 (0: no guidance)")
     parser.add_argument("--neg-text", default="keep", choices=["keep", "drop"],
                         help="negative branch: the caption (eq. 3) or the empty caption (adds text guidance)")
     parser.add_argument("--isolate", metavar="REWARD", help="guide along this reward alone (s- = s+ but 0 there)")
     parser.add_argument("--interpolate", metavar="A,B", help="trade reward A against B over --alphas rows")
-    parser.add_argument("--alphas", type=int, default=5)
-    parser.add_argument("--best-of", type=int, default=1, metavar="N", help="candidates per prompt")
+    parser.add_argument("--alphas", type=world.number(int, 2), default=5)
+    parser.add_argument("--best-of", type=world.count, default=1, metavar="N", help="candidates per prompt")
     parser.add_argument("--select", metavar="REWARD", help="the reward that picks the best of N")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=world.count, default=50)
     parser.add_argument("--method", default="euler", choices=["euler", "heun"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=world.natural, default=0)
+    parser.add_argument("--batch-size", type=world.count, default=64)
     parser.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    if args.steps < 1 or args.best_of < 1:
-        sys.exit(f"{STAGE}: error: --steps and --best-of must be at least 1")
+    device = world.resolve_device(args.device, STAGE)
+    if args.interpolate is not None and len(set(args.interpolate.split(","))) != 2:
+        sys.exit(f"{STAGE}: error: --interpolate {args.interpolate!r}: name two different rewards, A,B")
     if args.best_of > 1 and args.select not in rewards.REWARDS:
         sys.exit(f"{STAGE}: error: --best-of needs --select, one of: {', '.join(rewards.REWARDS)}")
 

@@ -54,6 +54,7 @@ import torch
 world = importlib.import_module("01_caption")  # colours, kinds, the 2x2 layout, captions
 rewards = importlib.import_module("02_score")  # the detector, the relation test, the rewards
 sampler = importlib.import_module("06_sample")  # guided sampling (paper eq. 3)
+STAGE = "07_eval.py"
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval's order
 PER_TASK = 64          # prompts per task (GenEval has 80 to 100)
@@ -184,7 +185,7 @@ def alignment_facts(images, captions):
     marks = {fact: [] for fact in FACTS if fact != "other_caption"}
     scenes = rewards.detect(np.asarray(images))  # one reading of the images serves every fact
     for objects, caption in zip(scenes, captions):
-        groups, relation = rewards.parse_caption(caption)
+        groups, relation = rewards.caption_facts(caption)
         if not groups:
             continue
         facts = rewards.check_facts(objects, groups, relation, images.shape[1])
@@ -315,7 +316,7 @@ def reward_ranges(out):
     path = os.path.join(out, "scores.pt")
     if not os.path.exists(path):
         return {}
-    scores = world.load_pt(path, ["names", "scores"], "07_eval.py", "02_score.py")
+    scores = world.load_pt(path, ["names", "scores"], STAGE, "02_score.py")
     return {name: tuple(np.nanpercentile(scores["scores"][:, i].numpy(), [1, 99]).tolist())
             for i, name in enumerate(scores["names"])}
 
@@ -358,12 +359,12 @@ def monotone(values):
 
 def report(args):
     """Evaluate every run, draw the figures, write report.md and results.json."""
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = world.resolve_device(args.device, STAGE)
     runs = find_runs(args.out, args.runs)
     eval_dir = os.path.join(args.out, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     logs = {run: read_log(args.out, run) for run in runs}
-    models = {run: sampler.load_run(args.out, run, device=device) for run in runs}
+    models = {run: sampler.load_run(args.out, run, device=device, stage=STAGE) for run in runs}
     all_rewards = list(rewards.REWARDS)
     metrics = all_rewards + list(TASKS) + ["overall"] + list(FACTS)
     summary, results = {}, {"config": vars(args), "runs": {}}
@@ -472,23 +473,23 @@ def find_runs(out, spec):
 
 # ----------------------------------------------------------------------------- main
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = world.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out")
     parser.add_argument("--runs", help="comma-separated run names (default: every run with a checkpoint)")
-    parser.add_argument("--cfg", type=float, default=1.0, help="guidance weight w")
+    parser.add_argument("--cfg", type=world.finite, default=1.0, help="guidance weight w")
     parser.add_argument("--neg-text", default="keep", choices=["keep", "drop"], help="see 06_sample.py")
-    parser.add_argument("--steps", type=int, default=12, help="Euler steps")
-    parser.add_argument("--seeds", type=int, default=3, help="sampling seeds (the spread of every number)")
-    parser.add_argument("--per-task", type=int, default=50, help="GenEval-style prompts per task")
-    parser.add_argument("--captions", type=int, default=64, help="fresh captions for the reward means")
+    parser.add_argument("--steps", type=world.count, default=12, help="Euler steps")
+    parser.add_argument("--seeds", type=world.count, default=3, help="sampling seeds (the spread of every number)")
+    parser.add_argument("--per-task", type=world.count, default=50, help="GenEval-style prompts per task")
+    parser.add_argument("--captions", type=world.count, default=64, help="fresh captions for the reward means")
     parser.add_argument("--select", default="alignment", help="the reward that picks the best of N")
-    parser.add_argument("--best-k", type=int, default=3, help="best of N for N = 1, 2, ..., 2^k")
-    parser.add_argument("--best-prompts", type=int, default=12)
+    parser.add_argument("--best-k", type=world.natural, default=3, help="best of N for N = 1, 2, ..., 2^k")
+    parser.add_argument("--best-prompts", type=world.count, default=12)
     parser.add_argument("--sweep", default="colourfulness", help="the reward whose target and w are swept")
-    parser.add_argument("--sweep-levels", type=int, default=4)
+    parser.add_argument("--sweep-levels", type=world.number(int, 2), default=4)
     parser.add_argument("--cfg-sweep", default="0,1,2,3", help="guidance weights of the w sweep")
-    parser.add_argument("--sweep-prompts", type=int, default=24)
-    parser.add_argument("--grid-prompts", type=int, default=6)
+    parser.add_argument("--sweep-prompts", type=world.count, default=24)
+    parser.add_argument("--grid-prompts", type=world.count, default=6)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--geneval-prompts", action="store_true", help="print the GenEval prompt set and exit")
     args = parser.parse_args()
@@ -501,11 +502,12 @@ def main():
         return
     for name in (args.select, args.sweep):
         if name not in rewards.REWARDS:
-            sys.exit(f"07_eval: error: unknown reward {name!r}; known: {', '.join(rewards.REWARDS)}")
+            sys.exit(f"{STAGE}: error: unknown reward {name!r}; known: {', '.join(rewards.REWARDS)}")
     try:
-        args.cfg_sweep = [float(w) for w in args.cfg_sweep.split(",")]
-    except ValueError:
-        sys.exit(f"07_eval: error: --cfg-sweep {args.cfg_sweep!r}: write weights like 0,1,2,3")
+        args.cfg_sweep = [world.finite(w) for w in args.cfg_sweep.split(",")]
+    except argparse.ArgumentTypeError:
+        sys.exit(f"{STAGE}: error: --cfg-sweep {args.cfg_sweep!r}: write finite weights like 0,1,2,3")
+    world.resolve_device(args.device, STAGE)  # before any file is read
     report(args)
 
 

@@ -61,8 +61,8 @@ def direct_inputs(processor, image, text):
     ("<CAPTION>\n  \n</CAPTION>", None),
     ("<CAPTION></CAPTION> text after the tags", None),
 ])
-def test_parse_caption(answer, caption):
-    assert world.parse_caption(answer) == caption
+def test_caption_from_answer(answer, caption):
+    assert world.caption_from_answer(answer) == caption
 
 
 def test_batched_left_padded_generation_matches_one_image_at_a_time(tiny):
@@ -155,7 +155,7 @@ def test_folder_end_to_end_with_the_tiny_captioner(tiny, tmp_path, monkeypatch, 
     # What the model answered, image by image: every answer without a caption keeps the alt text.
     squares = [world.read_square(images_dir / f"{i}.png", 56) for i in range(3)]
     for kind, prompt in (("long", world.LONG_PROMPT), ("short", world.SHORT_PROMPT)):
-        parsed = [world.parse_caption(a) for a in world.vlm_answers(model, processor, squares, prompt, 5)]
+        parsed = [world.caption_from_answer(a) for a in world.vlm_answers(model, processor, squares, prompt, 5)]
         assert captions[kind] == [alt if p is None else p for p, alt in zip(parsed, captions["alt"])]
         assert captions["fallbacks"][kind] == sum(p is None for p in parsed)
     assert "had no caption between <CAPTION> tags" in capsys.readouterr().out

@@ -94,7 +94,7 @@ def test_prompt_phrasing(metas):
 def test_coloured_prompts_are_in_the_caption_language(metas, task):
     """The caption parser of 02_score.py reads the same facts back from the prompt text."""
     for m in (m for m in metas if m["tag"] == task):
-        groups, relation = scoring.parse_caption(m["prompt"])
+        groups, relation = scoring.caption_facts(m["prompt"])
         assert groups == {(item["color"], item["class"]): 1 for item in m["include"]}, m["prompt"]
         if task == "position":
             reference, placed = m["include"]

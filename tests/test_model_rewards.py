@@ -147,7 +147,7 @@ def test_a_wrong_key_fails_loudly(tiny_clip, tiny_hps, tmp_path):
     weights["visual_projection.weigth"] = weights.pop("visual_projection.weight")
     save_file(weights, tmp_path / "clip" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="visual_projection"):
-        scoring.load_or_explain("clip", "x", lambda: scoring.load_clip(str(tmp_path / "clip"), "cpu"))
+        scoring.load_reward_model("clip", "x", lambda: scoring.load_clip(str(tmp_path / "clip"), "cpu"))
 
     head = aesthetic_head().state_dict()
     head["layers.5.weight"] = head.pop("layers.6.weight")

@@ -50,7 +50,7 @@ def test_captions_parse_back_to_the_scene():
         scene = world.sample_scene(rng, 32)
         truth = {(c, k): n for c, k, n in world.groups_of(scene)}
         for caption in (world.caption_short(scene), world.caption_long(scene)):
-            groups, relation = scoring.parse_caption(caption)
+            groups, relation = scoring.caption_facts(caption)
             assert groups == truth, caption
             if scene["relation"]:
                 r = scene["relation"]
