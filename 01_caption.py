@@ -8,12 +8,16 @@ This stage makes that dataset. By default it generates the built-in "shapes worl
     alt    like web alt text: often incomplete, sometimes wrong
     long   a complete, precise description (the "synthetic recaption")
     short  exactly the facts that the alignment reward of 02_score.py checks
+    brief  states less, as short synthetic captions do: no relation, half the time no colour
 
 and a spread of quality: four independent degradations (blur, luminance noise,
 washed-out colour, confetti clutter) so that every reward of 02_score.py spans its
 range. Captions never mention the degradations: only the rewards see them.
+The world has two easier rungs (--world): `one` (one clean object an image) and `clean`
+(1 to 4 objects, no degradation); a recipe is tried there first.
 
     python 01_caption.py                          # 20,000 scenes at 32 px
+    python 01_caption.py --world one              # the first rung of the ladder
     python 01_caption.py --n 2000 --size 64 --out tiny
     python 01_caption.py --source folder --images DIR [--alt-file FILE]   # captions by Qwen2.5-VL-3B
     python 01_caption.py --source folder --images DIR --captioner google/gemma-3-12b-it  # the paper's
@@ -25,7 +29,7 @@ prompts (greedy, batched); an answer with no caption in it keeps the alt text, a
 count of those is printed and stored. --captioner none keeps the alt text for both.
 
 Writes OUT/images.npy (uint8 [N, H, W, 3]) and OUT/captions.pt (alt, long, short,
-meta, source, version, config; for a folder also captioner and fallbacks). Same seed,
+brief and world for the shapes world, meta, source, version, config; for a folder also captioner and fallbacks). Same seed,
 same bytes.
 """
 import argparse
@@ -70,9 +74,17 @@ DEGRADATIONS = {
 SPECK_SIDE = (5.0, 6.5)
 
 
-def sample_scene(rng, size):
-    """A random scene: 1-4 objects in distinct cells of a 2x2 layout, with jitter and sizes."""
-    n_objects = int(rng.integers(1, 5))
+# The ladder of worlds (--world): a recipe is tried on the easiest world first.
+#   one    one clean object per image: what to draw, from the words
+#   clean  1 to 4 objects, no degradation: composition (kinds, counts, places)
+#   full   1 to 4 objects and the degradations: what the rewards are for (the default)
+WORLDS = {"one": dict(max_objects=1, degraded=False), "clean": dict(max_objects=4, degraded=False),
+          "full": dict(max_objects=4, degraded=True)}
+
+
+def sample_scene(rng, size, max_objects=4):
+    """A random scene: 1 to max_objects objects in distinct cells of a 2x2 layout, with jitter and sizes."""
+    n_objects = int(rng.integers(1, max_objects + 1))
     cells = rng.permutation(len(CELLS))[:n_objects]
     objects = []
     for i, cell_index in enumerate(cells):
@@ -191,10 +203,11 @@ def plural(kind, count):
 
 
 def counted(count, colour, kind):
-    """'an orange circle', 'two red squares'."""
+    """'an orange circle', 'two red squares'; with colour None: 'a circle', 'two squares'."""
+    words = f"{colour} {plural(kind, count)}" if colour else plural(kind, count)
     if count == 1:
-        return ("an " if colour[0] in "aeiou" else "a ") + f"{colour} {kind}"
-    return f"{NUMBERS[count]} {colour} {plural(kind, count)}"
+        return ("an " if words[0] in "aeiou" else "a ") + words
+    return f"{NUMBERS[count]} {words}"
 
 
 def groups_of(scene):
@@ -229,6 +242,17 @@ def caption_long(scene):
     return text + (" " + relation_sentence(scene["relation"]).capitalize() if scene["relation"] else "")
 
 
+def caption_brief(scene, rng):
+    """A caption that states less, as short synthetic captions do: the objects and their counts,
+    without the relation, and half the time without the colours ('a circle and two squares.')."""
+    if rng.random() < 0.5:
+        kinds = {}
+        for o in scene["objects"]:
+            kinds[o["kind"]] = kinds.get(o["kind"], 0) + 1
+        return join([counted(n, None, k) for k, n in kinds.items()]) + "."
+    return join([counted(n, c, k) for c, k, n in groups_of(scene)]) + "."
+
+
 def caption_alt(scene, rng):
     """Web-like alt text: usually partial, sometimes wrong, sometimes useless."""
     o = scene["objects"][int(rng.integers(len(scene["objects"])))]
@@ -247,24 +271,42 @@ def caption_alt(scene, rng):
     return join([f"{c} {plural(k, n)}" for c, k, n in groups_of(scene)])  # close, but no counts
 
 
-def make_shapes(n, size, seed):
-    """n scenes: images (uint8 [n, size, size, 3]) and the caption dict."""
+NO_DEGRADATION = {"blur": 0.0, "noise": 0.0, "washout": 0.0, "clutter": 0, "specks": []}
+
+
+def make_shapes(n, size, seed, world="full"):
+    """n scenes of a world (WORLDS): images (uint8 [n, size, size, 3]) and the caption dict."""
+    max_objects, degraded = WORLDS[world]["max_objects"], WORLDS[world]["degraded"]
     rng = np.random.default_rng(seed)
+    brief_rng = np.random.default_rng([seed, 1])  # its own stream: the other captions and images stay as they were
     images = np.empty((n, size, size, 3), np.uint8)
-    alt, long, short, meta = [], [], [], []
+    alt, long, short, brief, meta = [], [], [], [], []
     chunk = 2048
-    for start in tqdm(range(0, n, chunk), desc="shapes world", unit="chunk", leave=False):
+    for start in tqdm(range(0, n, chunk), desc=f"shapes world ({world})", unit="chunk", leave=False):
         stop = min(n, start + chunk)
-        scenes = [sample_scene(rng, size) for _ in range(stop - start)]
-        degradations = [sample_degradations(rng, size) for _ in scenes]
+        scenes = [sample_scene(rng, size, max_objects) for _ in range(stop - start)]
+        if degraded:
+            degradations = [sample_degradations(rng, size) for _ in scenes]
+        else:
+            degradations = [dict(NO_DEGRADATION) for _ in scenes]
         clean = np.stack([render(s, size, d["specks"]) for s, d in zip(scenes, degradations)])
-        images[start:stop] = degrade(clean, degradations, rng)
+        images[start:stop] = degrade(clean, degradations, rng) if degraded else clean
         for scene, d in zip(scenes, degradations):
             alt.append(caption_alt(scene, rng))
             long.append(caption_long(scene))
             short.append(caption_short(scene))
+            brief.append(caption_brief(scene, brief_rng))
             meta.append({"scene": scene, "degradations": d})
-    return images, {"alt": alt, "long": long, "short": short, "meta": meta, "source": "shapes"}
+    return images, {"alt": alt, "long": long, "short": short, "brief": brief, "meta": meta, "source": "shapes",
+                    "world": world}
+
+
+def world_of(captions):
+    """The world a shapes dataset was drawn from ("full" for files written before there were others);
+    None for a folder of images."""
+    if captions.get("source") != "shapes":
+        return None
+    return captions.get("world", "full")
 
 
 # ----------------------------------------------------------------------------- a folder of images
@@ -605,6 +647,8 @@ def main():
     parser.add_argument("--n", type=count, default=20000, help="number of shapes-world scenes")
     parser.add_argument("--size", type=count, default=32, help="image side in pixels (32 default, 64 option)")
     parser.add_argument("--seed", type=natural, default=0, help="seed of the shapes world")
+    parser.add_argument("--world", default="full", choices=list(WORLDS),
+                        help="one: one clean object an image; clean: 1-4 objects, no degradation; full: the whole world")
     parser.add_argument("--images", help="folder of jpg/png/webp images (with --source folder)")
     parser.add_argument("--alt-file", help="alt text: JSON {file: text} or 'file<TAB>text' lines (else sidecar .txt)")
     parser.add_argument("--captioner", default=DEFAULT_CAPTIONER,
@@ -626,7 +670,7 @@ def main():
 
     rank, world_size = distributed(args.device) if captioning else (0, 1)
     if args.source == "shapes":
-        images, captions = make_shapes(args.n, args.size, args.seed)
+        images, captions = make_shapes(args.n, args.size, args.seed, args.world)
     else:
         images, captions = load_folder(args.images, args.size, args.alt_file, verbose=rank == 0)
         fallbacks = {"long": len(images), "short": len(images)}  # every caption is the alt text ...
@@ -653,7 +697,8 @@ def main():
     save_atomic(captions, os.path.join(args.out, "captions.pt"))
     print(f"wrote {len(images)} images {images.shape[1]}x{images.shape[2]} to {args.out}/images.npy and captions.pt")
     for i in range(min(3, len(images))):
-        print(f"  [{i}] alt: {captions['alt'][i]!r}\n      long: {captions['long'][i]!r}\n      short: {captions['short'][i]!r}")
+        print(f"  [{i}] alt: {captions['alt'][i]!r}\n      long: {captions['long'][i]!r}\n      short: {captions['short'][i]!r}"
+              + (f"\n      brief: {captions['brief'][i]!r}" if "brief" in captions else ""))
 
 
 if __name__ == "__main__":

@@ -145,16 +145,21 @@ class Block(nn.Module):
 
 
 class RINBlock(nn.Module):
-    """Latents: attend to the conditioning, read the patches, think K times; then patches read them back."""
+    """Latents: attend to the conditioning, read the patches, think K times; then patches read them back.
+    With patch_cond, the patches first attend to the conditioning too, so that each patch reads the
+    caption itself instead of only what the latents pass on."""
 
-    def __init__(self, data_dim, latent_dim, num_layers, heads):
+    def __init__(self, data_dim, latent_dim, num_layers, heads, patch_cond=False):
         super().__init__()
+        self.patch_cond = Block(data_dim, heads, ctx_dim=latent_dim) if patch_cond else None
         self.attend_cond = Block(latent_dim, heads, ctx_dim=latent_dim)
         self.read = Block(latent_dim, heads, ctx_dim=data_dim)
         self.think = nn.ModuleList(Block(latent_dim, heads) for _ in range(num_layers))
         self.write = Block(data_dim, heads, ctx_dim=latent_dim)
 
     def forward(self, patches, latents, cond, cond_mask):
+        if self.patch_cond is not None:
+            patches = self.patch_cond(patches, cond, cond_mask)
         latents = self.attend_cond(latents, cond, cond_mask)
         latents = self.read(latents, patches)
         for layer in self.think:
@@ -247,18 +252,27 @@ class TextRIN(nn.Module):
 
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
-                 prediction="v"):
+                 prediction="v", patch_cond=False, cell_codes="sincos"):
         super().__init__()
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
+        if cell_codes not in ("sincos", "random"):
+            raise ValueError(f"cell_codes must be 'sincos' or 'random', not {cell_codes!r}")
         self.sigma_data, self.text_encoder, self.prediction = sigma_data, text_encoder, prediction
         self.image_size, self.patch_size, self.num_rewards, self.text_len = image_size, patch_size, num_rewards, text_len
         num_patches, patch_values = (image_size // patch_size) ** 2, 3 * patch_size ** 2
         # interface: patches in and out
         self.patch_in = nn.Linear(patch_values, data_dim)
-        # learned positions, started from 2-D sin/cos codes as strong as the normalised patches: with a
-        # small random start the network cannot tell where a patch is for its first thousand or so steps
-        self.patch_pos = nn.Parameter(grid_positions(image_size // patch_size, data_dim))
+        # learned positions, started as strong as the normalised patches: with a small random start the
+        # network cannot tell where a patch is for its first thousand or so steps. 2-D sin/cos codes of a
+        # few positions are near copies of each other (their slow channels barely move); "random" codes
+        # (unit normal per channel) are nearly orthogonal.
+        side = image_size // patch_size
+        if cell_codes == "random":
+            codes = torch.randn(side * side, data_dim, generator=torch.Generator().manual_seed(0))
+        else:
+            codes = grid_positions(side, data_dim)
+        self.patch_pos = nn.Parameter(codes)
         self.patch_norm = RMSNorm(data_dim)
         self.out_norm, self.patch_out = RMSNorm(data_dim), nn.Linear(data_dim, patch_values)
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
@@ -274,7 +288,8 @@ class TextRIN(nn.Module):
         else:  # frozen and pretrained (text_dim, text_layers unused): only the projection below is trained
             text_dim = frozen_text_encoder(text_encoder).width
         self.text_proj = nn.Linear(text_dim, latent_dim)
-        self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads, patch_cond)
+                                    for _ in range(num_blocks))
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

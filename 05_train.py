@@ -14,8 +14,8 @@ out the noisy ones, where it decides what is drawn. --loss-weight velocity is eq
 
 `--rewards none` trains the unconditioned baseline and `--rewards NAME` a single-reward
 model with the same script: only the number of reward tokens changes. `--captions mix`
-shows each image with its alt text, its long or its short caption, a third each: the paper
-mixes the original alt text with synthetic long and short captions.
+shows each image with its alt text, its long, short or brief caption, in equal shares: the
+paper mixes the original alt text with synthetic long and short captions.
 
     python 05_train.py                                      # MIRO on the shapes world (tiny preset, CPU)
     python 05_train.py --eval-every 100                     # + evaluations in log.jsonl (07_eval.py)
@@ -39,6 +39,7 @@ import argparse
 import copy
 import functools
 import importlib
+import inspect
 import json
 import math
 import os
@@ -88,6 +89,9 @@ def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image")
 
 
 # ----------------------------------------------------------------------------- data
+CAPTION_KINDS = ("alt", "long", "short", "brief")  # captions.pt's (a folder of images has no brief ones)
+
+
 def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
     """Images (memory-mapped), token ids per caption kind, reward levels in [0, 1] and names."""
     images = world.load_images(os.path.join(out, "images.npy"), STAGE)
@@ -110,7 +114,14 @@ def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
         sys.exit(f"{STAGE}: error: unknown reward {', '.join(unknown)}; bins.pt has: {', '.join(bins['names'])}")
     columns = [list(bins["names"]).index(name) for name in names]
     levels = bins["bins"][:, columns].float() / (bins["num_bins"] - 1)  # (N, R) in [0, 1]
-    kinds = ["alt", "long", "short"] if captions_mode == "mix" else [captions_mode]
+    if captions_mode == "mix":  # every kind the dataset has (a folder has no brief captions)
+        kinds = [kind for kind in CAPTION_KINDS if kind in captions]
+    else:  # a list such as long,brief,brief: each image shows one of them, a kind listed twice twice as often
+        kinds = captions_mode.split(",")
+    for kind in kinds:
+        if kind not in CAPTION_KINDS or kind not in captions:
+            sys.exit(f"{STAGE}: error: --captions {captions_mode}: captions.pt has no {kind} captions "
+                     f"(it has {', '.join(k for k in CAPTION_KINDS if k in captions)})")
     ids = torch.stack([net.tokenize(captions[kind], text_len, text_encoder) for kind in kinds])  # (kinds, N, L)
     return images, ids, levels, names, bins
 
@@ -136,7 +147,7 @@ def get_batch(step, args, data, rank, world_size, device):
     idx = batch_indices(step, args.batch_size, len(images), args.seed).view(world_size, -1)[rank]
     idx = idx.sort().values  # sorted reads are faster on a memory map
     x = torch.from_numpy(images[idx.numpy()]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
-    kind = torch.randint(len(ids), (len(idx),), generator=generator)  # alt, long or short, for --captions mix
+    kind = torch.randint(len(ids), (len(idx),), generator=generator)  # which of the --captions kinds
     batch_ids = ids[kind, idx]                                          # (B, L)
     drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
     batch_ids[drop] = net.tokenize([""], batch_ids.shape[1], args.text_encoder)
@@ -144,6 +155,27 @@ def get_batch(step, args, data, rank, world_size, device):
     longest = int((batch_ids != net.PAD_ID).sum(1).max())
     batch_ids = batch_ids[:, : min(batch_ids.shape[1], -(-longest // 8) * 8)]
     return x, batch_ids.to(device), levels[idx].to(device), torch.Generator(device).manual_seed(seed)
+
+
+def net_overrides(spec):
+    """--net 'patch_cond=true,patch_size=8' -> {setting: value}: the preset's network settings this run
+    changes (04_model.TextRIN's arguments); numbers and true/false are read as such."""
+    settings = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, text = (part.strip() for part in item.partition("="))
+        known = [k for k in inspect.signature(net.TextRIN).parameters if k not in ("num_rewards", "text_encoder")]
+        if not sep or key not in known:
+            sys.exit(f"{STAGE}: error: --net {item!r}: write SETTING=VALUE with a setting of {', '.join(known)}")
+        if text.lower() in ("true", "false"):
+            settings[key] = text.lower() == "true"
+        else:
+            for kind in (int, float, str):
+                try:
+                    settings[key] = kind(text)
+                    break
+                except ValueError:
+                    continue
+    return settings
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -256,10 +288,17 @@ def train(args):
     if trained_with != args.text_encoder:
         sys.exit(f"{STAGE}: error: --resume: the run was trained with --text-encoder {trained_with}, "
                  f"not {args.text_encoder}")
-    text_len = model_args["text_len"] if model_args else net.PRESETS[args.preset]["text_len"]
+    overrides = net_overrides(args.net)
+    if model_args:
+        text_len = model_args["text_len"]
+    else:
+        text_len = overrides.get("text_len", net.PRESETS[args.preset]["text_len"])
     images, ids, levels, names, bins = load_data(args.out, args.rewards, args.captions, text_len, args.text_encoder)
     if model_args is None:  # the checkpoint records the text encoder, so 06/07 rebuild (and reload) it
-        model_args = dict(net.PRESETS[args.preset], num_rewards=len(names), text_encoder=args.text_encoder)
+        model_args = dict(net.PRESETS[args.preset], num_rewards=len(names), text_encoder=args.text_encoder, **overrides)
+    changed = {k: v for k, v in overrides.items() if model_args.get(k) != v}
+    if changed:
+        sys.exit(f"{STAGE}: error: --resume: the run was trained with other network settings than --net {args.net}")
     if model_args["image_size"] != images.shape[1]:
         sys.exit(f"{STAGE}: error: preset {args.preset} is {model_args['image_size']} px but images.npy holds "
                  f"{images.shape[1]} px images: pick another --preset or re-run 01_caption.py --size")
@@ -362,7 +401,8 @@ def evaluate_during_training(ema, names, step, args, device, log_path):
     evaluator = importlib.import_module("07_eval")
     ema.eval()
     result = evaluator.evaluate(ema, names, seed=0, cfg=args.eval_cfg, steps=args.eval_steps,
-                                per_task=args.eval_per_task, n_captions=args.eval_captions, device=device)
+                                per_task=args.eval_per_task, n_captions=args.eval_captions, device=device,
+                                world_name=evaluator.dataset_world(args.out))
     ema.train()
     shown = " | ".join(f"{k} {v:.3f}" for k, v in result.items() if k in evaluator.rewards.REWARDS or k == "overall")
     print(f"eval {step:6d} | {shown}", flush=True)
@@ -467,8 +507,8 @@ def main():
                         help="run name: writes OUT/runs/RUN/ckpt.pt and log.jsonl (--run-name under torchrun)")
     parser.add_argument("--preset", default="tiny", help=f"network size: {', '.join(net.PRESETS)}")
     parser.add_argument("--rewards", default="all", help="all, none (the baseline) or comma-separated names")
-    parser.add_argument("--captions", default="mix", choices=["alt", "long", "short", "mix"],
-                        help="caption shown with each image (mix: alt, long or short, a third each)")
+    parser.add_argument("--captions", default="mix", help="caption shown with each image: mix (every kind the "
+                        "dataset has, in equal shares) or kinds of alt, long, short, brief (long,brief,brief: a third long)")
     parser.add_argument("--steps", type=world.count, default=600, help="total training steps (sets the lr schedule)")
     parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
     parser.add_argument("--batch-size", type=world.count, default=32, help="global batch size (split across processes)")
@@ -478,6 +518,8 @@ def main():
     parser.add_argument("--grad-clip", type=world.positive, default=1.0, help="max gradient norm")
     parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
     parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of latent self-conditioning")
+    parser.add_argument("--net", default="", help="network settings that replace the preset's, e.g. "
+                        "patch_cond=true,cell_codes=random (04_model.TextRIN's arguments)")
     parser.add_argument("--text-encoder", default="own", help="own (a small transformer trained with the net) or "
                         "frozen: openclip:ARCH[:PRETRAINED_OR_PATH] (e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or "
                         "t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl); only a projection of it is trained")

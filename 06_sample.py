@@ -182,16 +182,18 @@ def best_of(candidates, scores):
 HELD_OUT_SEED = 999_999  # scenes drawn with this seed are not in the training set (01 uses seed 0)
 
 
-def fresh_captions(n, kind="short"):
-    """Captions of n shapes-world scenes the model never saw (the fixed evaluation set)."""
-    return world.make_shapes(n, 32, HELD_OUT_SEED)[1][kind]
+def fresh_captions(n, kind="short", world_name="full"):
+    """Captions of n scenes of a shapes world that the model never saw (the fixed evaluation set)."""
+    return world.make_shapes(n, 32, HELD_OUT_SEED, world_name)[1][kind]
 
 
 def held_out_prompts(out, n, kind="short"):
-    """Fresh shapes-world captions, or for a folder dataset its last n captions (05 trains on
-    all of them, so those are only a fixed set)."""
+    """Fresh captions of the dataset's shapes world, or for a folder dataset its last n captions
+    (05 trains on all of them, so those are only a fixed set)."""
     captions = world.load_pt(os.path.join(out, "captions.pt"), [kind, "source"], STAGE, "01_caption.py")
-    return fresh_captions(n, kind) if captions["source"] == "shapes" else list(captions[kind][-n:])
+    if captions["source"] == "shapes":
+        return fresh_captions(n, kind, world.world_of(captions))
+    return list(captions[kind][-n:])
 
 
 def read_prompts(path):
@@ -247,7 +249,7 @@ def main():
     parser.add_argument("--run", "--run-name", dest="run", default="miro")
     parser.add_argument("--prompts", help="a text file, one prompt a line (default: held-out captions)")
     parser.add_argument("--n", type=world.count, default=16, help="number of held-out captions when --prompts is not given")
-    parser.add_argument("--caption-kind", default="short", choices=["alt", "long", "short"])
+    parser.add_argument("--caption-kind", default="short", choices=["alt", "long", "short", "brief"])
     parser.add_argument("--pos", help="s+: levels in reward order (1,0.5,...) or name=level,...; default all 1")
     parser.add_argument("--neg", help="s-: as --pos; default all 0")
     parser.add_argument("--cfg", type=world.finite, default=1.0, help="guidance weight w of eq. 3 (0: no guidance)")

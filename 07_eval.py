@@ -57,6 +57,8 @@ sampler = importlib.import_module("06_sample")  # guided sampling (paper eq. 3)
 STAGE = "07_eval.py"
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval's order
+# The tasks a world can draw: one object an image asks for no second object, count or relation.
+WORLD_TASKS = {"one": ("single_object", "colors"), "clean": TASKS, "full": TASKS}
 PER_TASK = 64          # prompts per task (GenEval has 80 to 100)
 COUNTS = (2, 3, 4)     # counting asks for 2 to 4, like GenEval; 4 fills the layout
 WORDS = ("left of", "right of", "above", "below")
@@ -91,8 +93,9 @@ def balanced(rng, options, n):
     return [options[i] for i in order[:n]]
 
 
-def geneval_prompts(per_task=PER_TASK, seed=0):
-    """The fixed GenEval prompt set: per_task metadata dicts per task, in TASKS order.
+def geneval_prompts(per_task=PER_TASK, seed=0, tasks=TASKS):
+    """The fixed GenEval prompt set: per_task metadata dicts per task of tasks, in TASKS order
+    (a task's prompts do not depend on which other tasks are asked for).
 
     position judges colour and kind, unlike GenEval's class-only position: the shapes world
     names an object in a relation by colour and kind (that is all its captions ever do),
@@ -113,7 +116,10 @@ def geneval_prompts(per_task=PER_TASK, seed=0):
     }
     metas = []
     for task in TASKS:
-        for include in balanced(rng, options[task], per_task):
+        chosen = balanced(rng, options[task], per_task)  # drawn for every task: the same rng stream
+        if task not in tasks:
+            continue
+        for include in chosen:
             exclude = [{"class": include[0]["class"], "count": include[0]["count"] + 1}] if task == "counting" else []
             metas.append({"tag": task, "prompt": prompt_of(task, include), "include": include, "exclude": exclude})
     return metas
@@ -208,12 +214,12 @@ def top_targets(R, n):
 
 
 def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_captions=64, neg_text="keep",
-             device="cpu", progress=False):
+             device="cpu", progress=False, world_name="full"):
     """One model, one sampling seed, at the top reward target with guidance w = cfg: the mean of
-    every reward on fresh captions, the alignment reward fact by fact, and the GenEval-style
-    scores. {metric: float}."""
-    captions = sampler.fresh_captions(n_captions)
-    metas = geneval_prompts(per_task)
+    every reward on fresh captions of the world, the alignment reward fact by fact, and the
+    GenEval-style scores of the tasks the world can draw. {metric: float}."""
+    captions = sampler.fresh_captions(n_captions, world_name=world_name)
+    metas = geneval_prompts(per_task, tasks=WORLD_TASKS[world_name])
     prompts = captions + [m["prompt"] for m in metas]
     images = sampler.generate(model, prompts, *top_targets(len(names), len(prompts)), cfg, seed, steps,
                               neg_text=neg_text, device=device, progress=progress)
@@ -223,10 +229,10 @@ def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_caption
     return result
 
 
-def best_of_curve(model, names, select, n_prompts, max_k, cfg, steps, seed, neg_text, device):
+def best_of_curve(model, names, select, n_prompts, max_k, cfg, steps, seed, neg_text, device, world_name="full"):
     """Test-time scaling (paper Fig. 8): 2^max_k candidates per prompt; for N = 1, 2, 4, ... the
     mean over prompts of the best `select` score among the first N candidates."""
-    captions = sampler.fresh_captions(n_prompts)
+    captions = sampler.fresh_captions(n_prompts, world_name=world_name)
     K = 2 ** max_k
     prompts = [p for p in captions for _ in range(K)]
     images = sampler.generate(model, prompts, *top_targets(len(names), len(prompts)), cfg, seed, steps,
@@ -235,10 +241,10 @@ def best_of_curve(model, names, select, n_prompts, max_k, cfg, steps, seed, neg_
     return {2 ** k: float(scores[:, :2 ** k].max(1).values.mean()) for k in range(max_k + 1)}
 
 
-def sweep(model, names, reward, settings, n_prompts, steps, seed, neg_text, device):
+def sweep(model, names, reward, settings, n_prompts, steps, seed, neg_text, device, world_name="full"):
     """Paper Fig. 12: for each (level, w), sample with s+ = 1 except `reward` at that level and
     guidance w; that reward's mean per setting."""
-    captions, j, out = sampler.fresh_captions(n_prompts), names.index(reward), []
+    captions, j, out = sampler.fresh_captions(n_prompts, world_name=world_name), names.index(reward), []
     for level, w in settings:
         s_plus = [[1.0] * j + [float(level)] + [1.0] * (len(names) - j - 1)] * n_prompts
         images = sampler.generate(model, captions, s_plus, [[0.0] * len(names)] * n_prompts, w, seed, steps,
@@ -247,10 +253,10 @@ def sweep(model, names, reward, settings, n_prompts, steps, seed, neg_text, devi
     return out
 
 
-def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, path):
+def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, path, world_name="full"):
     """Paper Fig. 9: a row per reward j, guided along j alone (s- = s+ = 1 except s-_j = 0), the
     same noise in every row; the first row guides along all rewards at once."""
-    captions = sampler.fresh_captions(n_prompts)
+    captions = sampler.fresh_captions(n_prompts, world_name=world_name)
     rows = [("all rewards", [0.0] * len(names))] + [(f"only {n}", [0.0 if i == j else 1.0 for i in range(len(names))])
                                                      for j, n in enumerate(names)]
     images, labels = [], []
@@ -299,8 +305,14 @@ def plot_radar(summary, metrics, ranges, path):
     angles = np.linspace(0, 2 * np.pi, len(metrics), endpoint=False).tolist()
     fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"polar": True})
     for run, s in summary.items():
-        row = [(s["mean"][m] - ranges[m][0]) / (ranges[m][1] - ranges[m][0]) if m in ranges else s["mean"][m]
-               for m in metrics]
+        row = []
+        for m in metrics:
+            if m not in ranges:  # GenEval, as it is
+                row.append(s["mean"][m])
+            elif ranges[m][1] > ranges[m][0]:
+                row.append((s["mean"][m] - ranges[m][0]) / (ranges[m][1] - ranges[m][0]))
+            else:  # a reward constant over the training images (a world without its degradation): no range
+                row.append(1.0 if s["mean"][m] >= ranges[m][1] else 0.0)
         row = np.clip(row, 0, 1.2).tolist()
         ax.plot(angles + angles[:1], row + row[:1], label=run)
         ax.fill(angles + angles[:1], row + row[:1], alpha=0.1)
@@ -365,23 +377,25 @@ def report(args):
     os.makedirs(eval_dir, exist_ok=True)
     logs = {run: read_log(args.out, run) for run in runs}
     models = {run: sampler.load_run(args.out, run, device=device, stage=STAGE) for run in runs}
+    world_name = dataset_world(args.out)
+    tasks = WORLD_TASKS[world_name]
     all_rewards = list(rewards.REWARDS)
-    metrics = all_rewards + list(TASKS) + ["overall"] + list(FACTS)
-    summary, results = {}, {"config": vars(args), "runs": {}}
+    metrics = all_rewards + list(tasks) + ["overall"] + list(FACTS)
+    summary, results = {}, {"config": vars(args), "world": world_name, "runs": {}}
     for run, (model, ckpt) in models.items():
         per_seed = [evaluate(model, ckpt["reward_names"], seed, args.cfg, args.steps, args.per_task, args.captions,
-                             args.neg_text, device, progress=True) for seed in range(args.seeds)]
+                             args.neg_text, device, progress=True, world_name=world_name) for seed in range(args.seeds)]
         summary[run] = {"mean": {m: float(np.mean([r[m] for r in per_seed])) for m in metrics},
                         "std": {m: float(np.std([r[m] for r in per_seed])) for m in metrics}}
         results["runs"][run] = {"step": ckpt["step"], "rewards": ckpt["reward_names"], "seeds": per_seed, **summary[run]}
         print(f"{run} (step {ckpt['step']}): " + ", ".join(f"{m} {summary[run]['mean'][m]:.3f}"
                                                           for m in all_rewards + ["overall"]))
 
-    md = [f"# MIRO on the shapes world\n", f"Runs evaluated at w = {args.cfg} ({args.neg_text} text in the negative "
+    md = [f"# MIRO on the shapes world ({world_name})\n", f"Runs evaluated at w = {args.cfg} ({args.neg_text} text in the negative "
           f"branch; text guidance for runs without rewards), {args.steps} Euler steps, {args.seeds} sampling seeds "
           f"(mean ± std); reward means on {args.captions} fresh captions, GenEval-style scores on "
           f"{args.per_task} prompts per task.\n", markdown_table(summary, all_rewards + ["overall"]), "",
-          markdown_table(summary, list(TASKS)), "", "What the alignment reward found, fact by fact (stated_drawn: every "
+          markdown_table(summary, list(tasks)), "", "What the alignment reward found, fact by fact (stated_drawn: every "
           "stated colour+kind is there; exact_counts, relation: the stated ones that hold; nothing_else: no unstated "
           "object; objects: detected and stated per image; other_caption: the alignment reward against another "
           "caption, the chance level):\n", markdown_table(summary, list(FACTS)), ""]
@@ -411,7 +425,8 @@ def report(args):
                   f"{s['speedup']:.1f}x" if s["speedup"] else "-"] for m, s in speed.items()]),
                    "", "![curves](curves.png)", ""]
         curves = {run: best_of_curve(models[run][0], models[run][1]["reward_names"], args.select, args.best_prompts,
-                                     args.best_k, args.cfg, args.steps, 0, args.neg_text, device) for run in (miro, base)}
+                                     args.best_k, args.cfg, args.steps, 0, args.neg_text, device, world_name)
+                  for run in (miro, base)}
         results["best_of"] = {"select": args.select, "curves": curves}
         plot_xy(curves, "N (best of N)", f"best {args.select}", os.path.join(eval_dir, "best_of.png"), logx=True)
         md += [f"## Best of N by {args.select} (paper Fig. 8)\n", *table(
@@ -435,7 +450,7 @@ def report(args):
     if miro:
         model, names = models[miro][0], models[miro][1]["reward_names"]
         levels = np.linspace(0, 1, args.sweep_levels).tolist()
-        common = (args.sweep_prompts, args.steps, 0, args.neg_text, device)
+        common = (args.sweep_prompts, args.steps, 0, args.neg_text, device, world_name)
         by_level = dict(zip(levels, sweep(model, names, args.sweep, [(v, args.cfg) for v in levels], *common)))
         by_w = dict(zip(args.cfg_sweep, sweep(model, names, args.sweep, [(1.0, w) for w in args.cfg_sweep], *common)))
         results["sweep"] = {"reward": args.sweep, "target": by_level, "cfg": by_w,
@@ -450,12 +465,21 @@ def report(args):
                *table(["w", *(f"{k:g}" for k in by_w)], [[args.sweep, *(f"{v:.3f}" for v in by_w.values())]]), "",
                "![sweep](sweep.png) ![cfg](cfg.png)", ""]
         isolation_grid(model, names, args.grid_prompts, args.cfg, args.steps, 0, args.neg_text, device,
-                       os.path.join(eval_dir, "isolation.png"))
+                       os.path.join(eval_dir, "isolation.png"), world_name)
         md += ["## Guiding one reward at a time (paper Fig. 9)\n", "![isolation](isolation.png)", ""]
 
     world.save_atomic("\n".join(md) + "\n", os.path.join(eval_dir, "report.md"))
     world.save_atomic(json.dumps(results, indent=1) + "\n", os.path.join(eval_dir, "results.json"))
     print(f"wrote {eval_dir}/report.md, results.json and the figures")
+
+
+def dataset_world(out):
+    """The shapes world of OUT's dataset (its fresh captions and the GenEval tasks it can draw);
+    "full" for a folder of images or when captions.pt is absent."""
+    path = os.path.join(out, "captions.pt")
+    if not os.path.exists(path):
+        return "full"
+    return world.world_of(world.load_pt(path, ["source"], STAGE, "01_caption.py")) or "full"
 
 
 def find_runs(out, spec):

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # The main job on the built-in shapes world: all seven stages in order, each writing into $OUT.
 # MIRO (all rewards) and the unconditioned baseline get the same network, data and steps.
+# WORLD picks the rung of the ladder (01_caption.py --world): one, clean or full (the default).
 # Its time on a 2-core CPU: README, "The main job".
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
-STEPS=${STEPS:-600}          # training steps per run (batch 32)
-EVAL=$((STEPS / 6))          # evaluations logged during training: the convergence curves
+WORLD=${WORLD:-full}
+case "$WORLD" in
+  one)   DEFAULT_STEPS=600 ;;
+  clean) DEFAULT_STEPS=600 ;;
+  full)  DEFAULT_STEPS=600 ;;
+  *) echo "run.sh: error: WORLD=$WORLD: use one, clean or full" >&2; exit 2 ;;
+esac
+STEPS=${STEPS:-$DEFAULT_STEPS}  # training steps per run (batch 32)
+EVAL=$((STEPS / 6))             # evaluations logged during training: the convergence curves
 
-python 01_caption.py --out "$OUT"                                                  # 20,000 scenes, 3 captions each
+python 01_caption.py --out "$OUT" --world "$WORLD"                                 # 20,000 scenes, 4 captions each
 python 02_score.py   --out "$OUT"                                                  # 4 offline rewards per image
 python 03_bin.py     --out "$OUT"                                                  # 5 equal-population bins per reward
 python 04_model.py   --preset tiny                                                 # the network: size, FLOPs, self-checks

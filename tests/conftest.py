@@ -11,6 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains or runs whole stages (skip with -m 'not slow')")
+
+
 def stage(name):
     """The module of a stage script, e.g. stage("02_score")."""
     return importlib.import_module(name)

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from conftest import fails_in_one_line, run, stage
@@ -20,6 +21,16 @@ def test_speedup_is_the_step_ratio_at_the_baselines_final_value():
     s = ev.speedup(miro, base, "sharpness")
     assert (s["baseline_final"], s["baseline_steps"], s["miro_steps"], s["speedup"]) == (0.6, 600, 200, 3.0)
     assert ev.speedup(records([0.1] * 6), base, "sharpness")["speedup"] is None  # never reached
+
+
+def test_radar_places_a_constant_reward_without_dividing_by_zero(tmp_path):
+    """On a world without a degradation a reward can be the same for every training image: its
+    range is a point, and a run is drawn at 1 when it reaches it."""
+    summary = {"run": {"mean": {"low_noise": 0.0, "sharpness": 0.5, "overall": 0.4}}}
+    with np.errstate(all="raise"):
+        ev.plot_radar(summary, ["low_noise", "sharpness", "overall"], {"low_noise": (0.0, 0.0),
+                      "sharpness": (0.0, 1.0)}, str(tmp_path / "radar.png"))
+    assert (tmp_path / "radar.png").exists()
 
 
 def test_monotone_is_strict():

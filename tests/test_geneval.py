@@ -90,6 +90,15 @@ def test_prompt_phrasing(metas):
     assert {m["include"][0]["count"] for m in metas if m["tag"] == "counting"} == {2, 3, 4}
 
 
+def test_a_world_asks_only_for_its_tasks_and_the_same_prompts():
+    """The first rung of the ladder (one object an image) is asked single_object and colors only,
+    the same prompts as in the full set."""
+    one = ev.geneval_prompts(10, tasks=ev.WORLD_TASKS["one"])
+    full = ev.geneval_prompts(10)
+    assert {m["tag"] for m in one} == {"single_object", "colors"}
+    assert one == [m for m in full if m["tag"] in ("single_object", "colors")]
+
+
 @pytest.mark.parametrize("task", ["colors", "position", "color_attr"])
 def test_coloured_prompts_are_in_the_caption_language(metas, task):
     """The caption parser of 02_score.py reads the same facts back from the prompt text."""

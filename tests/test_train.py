@@ -139,3 +139,20 @@ def test_official_network_runs_behind_the_same_call():
     x_t, t, levels, ids = net.dummy_inputs(model_args, 2)
     v, latents = train.OfficialNetwork(model_args)(x_t, t, levels, ids)
     assert v.shape == x_t.shape and latents.shape[:2] == (2, model_args["num_latents"])
+
+
+def test_network_settings_and_caption_kinds_are_flags(data):
+    """--net replaces preset settings (recorded in the checkpoint, so 06/07 rebuild the same network);
+    --captions lists the kinds shown, a kind listed twice shown twice as often."""
+    run("05_train.py", "--out", data, "--run", "net", "--steps", 1, "--rewards", "none",
+        "--net", "patch_cond=true,cell_codes=random", "--captions", "short,brief,brief", *FAST)
+    ckpt = ckpt_of(data, "net")
+    assert ckpt["model_args"]["patch_cond"] is True and ckpt["model_args"]["cell_codes"] == "random"
+    assert any(key.startswith("blocks.0.patch_cond.") for key in ckpt["model"])
+    assert train.net_overrides("patch_size=8,sigma_data=0.4,prediction=v") == {
+        "patch_size": 8, "sigma_data": 0.4, "prediction": "v"}
+    for bad, words in ((["--net", "depth=3"], ["--net", "depth=3", "patch_cond"]),
+                       (["--captions", "short,poem"], ["--captions", "poem"])):
+        result = run("05_train.py", "--out", data, "--run", "bad", "--steps", 1, *bad, *FAST, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and all(w in lines[0] for w in words), result.stderr

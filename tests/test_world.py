@@ -87,3 +87,39 @@ def test_same_seed_same_world():
     c_images, _ = world.make_shapes(50, 32, seed=10)
     assert np.array_equal(a_images, b_images) and a_captions == b_captions
     assert not np.array_equal(a_images, c_images)
+
+
+@pytest.mark.parametrize("name", ["one", "clean"])
+def test_the_easier_worlds_are_clean_renders(name):
+    """one: a single object per image; clean: 1 to 4 objects; neither degrades: each image is
+    its scene's clean render, read back exactly by the detector."""
+    images, captions = world.make_shapes(300, 32, seed=6, world=name)
+    scenes = [m["scene"] for m in captions["meta"]]
+    counts = {len(s["objects"]) for s in scenes}
+    assert counts == ({1} if name == "one" else {1, 2, 3, 4}) and captions["world"] == name
+    assert all(np.array_equal(image, world.render(s, 32)) for image, s in zip(images, scenes))
+    truth = [sorted((o["colour"], o["kind"], o["row"], o["col"]) for o in s["objects"]) for s in scenes]
+    assert [read_back(f, 32) for f in scoring.detect(images)] == truth
+
+
+def test_brief_captions_state_less_and_leave_the_rest_unchanged():
+    """brief: the objects and counts with no relation, half the time without colours. It has its
+    own random stream: the full world's images and other captions are those of before it existed."""
+    images, captions = world.make_shapes(400, 32, seed=7)
+    scenes = [m["scene"] for m in captions["meta"]]
+    colour_free = 0
+    for scene, brief in zip(scenes, captions["brief"]):
+        kinds = {}
+        for o in scene["objects"]:
+            kinds[o["kind"]] = kinds.get(o["kind"], 0) + 1
+        if any(c in brief for c in world.COLOURS):  # with colours: the short caption's groups, no relation
+            assert brief == world.join([world.counted(n, c, k) for c, k, n in world.groups_of(scene)]) + "."
+        else:
+            colour_free += 1
+            assert brief == world.join([world.counted(n, None, k) for k, n in kinds.items()]) + "."
+        assert " is " not in brief
+    assert 0.4 < colour_free / len(scenes) < 0.6
+    assert world.counted(2, None, "square") == "two squares" and world.counted(1, None, "circle") == "a circle"
+    rng = np.random.default_rng(7)  # the stream of the images and the other captions, drawn as before
+    scene = world.sample_scene(rng, 32)
+    assert scene == scenes[0]
