@@ -1,4 +1,4 @@
-"""Stage 01: build the dataset, images plus three captions per image.
+"""Stage 01: build the dataset, images plus four captions per image.
 
 MIRO trains on web images whose alt text is short and often wrong, recaptioned by a
 vision-language model into a long and a short caption (paper appendix D).
@@ -274,7 +274,7 @@ def caption_alt(scene, rng):
 NO_DEGRADATION = {"blur": 0.0, "noise": 0.0, "washout": 0.0, "clutter": 0, "specks": []}
 
 
-def make_shapes(n, size, seed, world="full"):
+def make_shapes(n, size, seed, world="full", progress=True):
     """n scenes of a world (WORLDS): images (uint8 [n, size, size, 3]) and the caption dict."""
     max_objects, degraded = WORLDS[world]["max_objects"], WORLDS[world]["degraded"]
     rng = np.random.default_rng(seed)
@@ -282,7 +282,8 @@ def make_shapes(n, size, seed, world="full"):
     images = np.empty((n, size, size, 3), np.uint8)
     alt, long, short, brief, meta = [], [], [], [], []
     chunk = 2048
-    for start in tqdm(range(0, n, chunk), desc=f"shapes world ({world})", unit="chunk", leave=False):
+    for start in tqdm(range(0, n, chunk), desc=f"shapes world ({world})", unit="chunk", leave=False,
+                      disable=not progress):
         stop = min(n, start + chunk)
         scenes = [sample_scene(rng, size, max_objects) for _ in range(stop - start)]
         if degraded:

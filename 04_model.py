@@ -63,10 +63,13 @@ from torch.utils.flop_counter import FlopCounterMode
 # interface (256 tokens of width 256) is our choice for 256 px images. `tiny` cuts its 32 px
 # images into 16x16-pixel patches, one token per cell of the shapes world's 2x2 layout, and
 # predicts the clean image: with 4x4-pixel patches and v-prediction each patch denoised on
-# its own and samples came out as patches of colour, not shapes.
+# its own and samples came out as patches of colour, not shapes. Its patches read the caption
+# themselves (patch_cond) through a hidden layer on each side (patch_mlp), start from distinct
+# cell codes, and 16 latents are enough for four cells (a cheaper step buys more steps).
 PRESETS = {
-    "tiny": dict(image_size=32, patch_size=16, data_dim=256, latent_dim=128, num_latents=32, num_blocks=2,
-                 num_layers=2, heads=4, text_dim=128, text_layers=2, text_len=64, prediction="x"),
+    "tiny": dict(image_size=32, patch_size=16, data_dim=256, latent_dim=128, num_latents=16, num_blocks=2,
+                 num_layers=2, heads=4, text_dim=128, text_layers=2, text_len=64, prediction="x", patch_cond=True,
+                 cell_codes="random", patch_mlp=True),
     "small": dict(image_size=64, patch_size=4, data_dim=256, latent_dim=512, num_latents=128, num_blocks=4,
                   num_layers=2, heads=8, text_dim=512, text_layers=4, text_len=64),
     "paper": dict(image_size=256, patch_size=16, data_dim=256, latent_dim=1024, num_latents=256, num_blocks=4,
@@ -147,11 +150,13 @@ class Block(nn.Module):
 class RINBlock(nn.Module):
     """Latents: attend to the conditioning, read the patches, think K times; then patches read them back.
     With patch_cond, the patches first attend to the conditioning too, so that each patch reads the
-    caption itself instead of only what the latents pass on."""
+    caption itself instead of only what the latents pass on; with patch_attend they attend to each
+    other after reading the latents back."""
 
-    def __init__(self, data_dim, latent_dim, num_layers, heads, patch_cond=False):
+    def __init__(self, data_dim, latent_dim, num_layers, heads, patch_cond=False, patch_attend=False):
         super().__init__()
         self.patch_cond = Block(data_dim, heads, ctx_dim=latent_dim) if patch_cond else None
+        self.patch_attend = Block(data_dim, heads) if patch_attend else None
         self.attend_cond = Block(latent_dim, heads, ctx_dim=latent_dim)
         self.read = Block(latent_dim, heads, ctx_dim=data_dim)
         self.think = nn.ModuleList(Block(latent_dim, heads) for _ in range(num_layers))
@@ -164,7 +169,10 @@ class RINBlock(nn.Module):
         latents = self.read(latents, patches)
         for layer in self.think:
             latents = layer(latents)
-        return self.write(patches, latents), latents
+        patches = self.write(patches, latents)
+        if self.patch_attend is not None:  # the patches see each other: one cell can leave room for another
+            patches = self.patch_attend(patches)
+        return patches, latents
 
 
 def sinusoid(values, dim):
@@ -201,6 +209,11 @@ def grid_positions(side, dim):
     """(side * side, dim) codes of a side x side grid: half the channels code the row, half the column."""
     rows, cols = positions(side, dim // 2), positions(side, dim - dim // 2)
     return torch.cat([rows[:, None].expand(-1, side, -1), cols[None].expand(side, -1, -1)], -1).reshape(side * side, dim)
+
+
+def mlp(dim_in, hidden, dim_out):
+    """Linear, SiLU, Linear."""
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.SiLU(), nn.Linear(hidden, dim_out))
 
 
 def embedder(dim, freq_dim=256):
@@ -252,7 +265,8 @@ class TextRIN(nn.Module):
 
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
-                 prediction="v", patch_cond=False, cell_codes="sincos"):
+                 prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
+                 patch_mlp=False, patch_attend=False):
         super().__init__()
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
@@ -262,7 +276,9 @@ class TextRIN(nn.Module):
         self.image_size, self.patch_size, self.num_rewards, self.text_len = image_size, patch_size, num_rewards, text_len
         num_patches, patch_values = (image_size // patch_size) ** 2, 3 * patch_size ** 2
         # interface: patches in and out
-        self.patch_in = nn.Linear(patch_values, data_dim)
+        # patch_mlp: a hidden layer (4 x data_dim) on each side, so that a token can code a sharp shape at any
+        # sub-pixel place (a curved family of images) instead of a blend of fixed linear pieces
+        self.patch_in = mlp(patch_values, 4 * data_dim, data_dim) if patch_mlp else nn.Linear(patch_values, data_dim)
         # learned positions, started as strong as the normalised patches: with a small random start the
         # network cannot tell where a patch is for its first thousand or so steps. 2-D sin/cos codes of a
         # few positions are near copies of each other (their slow channels barely move); "random" codes
@@ -274,7 +290,8 @@ class TextRIN(nn.Module):
             codes = grid_positions(side, data_dim)
         self.patch_pos = nn.Parameter(codes)
         self.patch_norm = RMSNorm(data_dim)
-        self.out_norm, self.patch_out = RMSNorm(data_dim), nn.Linear(data_dim, patch_values)
+        self.out_norm = RMSNorm(data_dim)
+        self.patch_out = mlp(data_dim, 4 * data_dim, patch_values) if patch_mlp else nn.Linear(data_dim, patch_values)
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
         self.prev_norm, self.prev_proj = RMSNorm(latent_dim), nn.Linear(latent_dim, latent_dim)
@@ -288,7 +305,11 @@ class TextRIN(nn.Module):
         else:  # frozen and pretrained (text_dim, text_layers unused): only the projection below is trained
             text_dim = frozen_text_encoder(text_encoder).width
         self.text_proj = nn.Linear(text_dim, latent_dim)
-        self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads, patch_cond)
+        if cond_pool:  # the mean conditioning token, added to every patch and latent: a path that needs no attention
+            self.pool_norm = RMSNorm(latent_dim)
+            self.pool_to_patches, self.pool_to_latents = nn.Linear(latent_dim, data_dim), nn.Linear(latent_dim, latent_dim)
+        self.cond_pool = cond_pool
+        self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads, patch_cond, patch_attend)
                                     for _ in range(num_blocks))
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -296,6 +317,11 @@ class TextRIN(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.zeros_(self.prev_proj.weight)
+        if zero_init:  # every residual branch starts as the identity (its last layer at zero)
+            for module in self.modules():
+                if isinstance(module, Block):
+                    nn.init.zeros_(module.attn.out.weight)
+                    nn.init.zeros_(module.mlp.down.weight)
 
     def encode_text(self, ids):
         """ids (B, L) -> text tokens (B, L, latent_dim), mask (B, L): all the denoiser sees of the caption."""
@@ -328,6 +354,11 @@ class TextRIN(nn.Module):
             prev_latents = torch.zeros_like(latents)
         latents = latents + self.prev_proj(self.prev_norm(prev_latents))
         cond, cond_mask = self.condition(t, levels, text_tokens, text_mask)
+        if self.cond_pool:
+            weights = cond_mask.to(cond.dtype)[..., None]                               # (B, C, 1)
+            pooled = self.pool_norm((cond * weights).sum(1) / weights.sum(1))           # (B, latent_dim)
+            patches = patches + self.pool_to_patches(pooled)[:, None]
+            latents = latents + self.pool_to_latents(pooled)[:, None]
         for block in self.blocks:
             patches, latents = block(patches, latents, cond, cond_mask)
         out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)

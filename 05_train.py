@@ -14,8 +14,8 @@ out the noisy ones, where it decides what is drawn. --loss-weight velocity is eq
 
 `--rewards none` trains the unconditioned baseline and `--rewards NAME` a single-reward
 model with the same script: only the number of reward tokens changes. `--captions mix`
-shows each image with its alt text, its long, short or brief caption, in equal shares: the
-paper mixes the original alt text with synthetic long and short captions.
+shows each image with its alt text, its long, short or brief caption (brief ones half the
+time): the paper mixes the original alt text with synthetic long and short captions.
 
     python 05_train.py                                      # MIRO on the shapes world (tiny preset, CPU)
     python 05_train.py --eval-every 100                     # + evaluations in log.jsonl (07_eval.py)
@@ -90,6 +90,9 @@ def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image")
 
 # ----------------------------------------------------------------------------- data
 CAPTION_KINDS = ("alt", "long", "short", "brief")  # captions.pt's (a folder of images has no brief ones)
+# --captions mix: each kind the dataset has, brief ones three times as often as each other kind, so that
+# captions that leave a colour or a place open (the GenEval prompts "a circle.", "three squares.") are common
+MIX = ("alt", "long", "short", "brief", "brief", "brief")
 
 
 def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
@@ -114,8 +117,8 @@ def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
         sys.exit(f"{STAGE}: error: unknown reward {', '.join(unknown)}; bins.pt has: {', '.join(bins['names'])}")
     columns = [list(bins["names"]).index(name) for name in names]
     levels = bins["bins"][:, columns].float() / (bins["num_bins"] - 1)  # (N, R) in [0, 1]
-    if captions_mode == "mix":  # every kind the dataset has (a folder has no brief captions)
-        kinds = [kind for kind in CAPTION_KINDS if kind in captions]
+    if captions_mode == "mix":  # a folder has no brief captions
+        kinds = [kind for kind in MIX if kind in captions]
     else:  # a list such as long,brief,brief: each image shows one of them, a kind listed twice twice as often
         kinds = captions_mode.split(",")
     for kind in kinds:
@@ -507,11 +510,11 @@ def main():
                         help="run name: writes OUT/runs/RUN/ckpt.pt and log.jsonl (--run-name under torchrun)")
     parser.add_argument("--preset", default="tiny", help=f"network size: {', '.join(net.PRESETS)}")
     parser.add_argument("--rewards", default="all", help="all, none (the baseline) or comma-separated names")
-    parser.add_argument("--captions", default="mix", help="caption shown with each image: mix (every kind the "
-                        "dataset has, in equal shares) or kinds of alt, long, short, brief (long,brief,brief: a third long)")
+    parser.add_argument("--captions", default="mix", help="caption shown with each image: mix (" + ",".join(MIX) +
+                        ") or a list of kinds, alt, long, short, brief (long,brief,brief: a third long, two thirds brief)")
     parser.add_argument("--steps", type=world.count, default=600, help="total training steps (sets the lr schedule)")
     parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
-    parser.add_argument("--batch-size", type=world.count, default=32, help="global batch size (split across processes)")
+    parser.add_argument("--batch-size", type=world.count, default=16, help="global batch size (split across processes)")
     parser.add_argument("--lr", type=world.positive, default=2e-3, help="peak learning rate (AdamW)")
     parser.add_argument("--warmup", type=world.natural, default=50, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=world.non_negative, default=0.01, help="AdamW weight decay on matrices")

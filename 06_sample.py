@@ -184,7 +184,7 @@ HELD_OUT_SEED = 999_999  # scenes drawn with this seed are not in the training s
 
 def fresh_captions(n, kind="short", world_name="full"):
     """Captions of n scenes of a shapes world that the model never saw (the fixed evaluation set)."""
-    return world.make_shapes(n, 32, HELD_OUT_SEED, world_name)[1][kind]
+    return world.make_shapes(n, 32, HELD_OUT_SEED, world_name, progress=False)[1][kind]
 
 
 def held_out_prompts(out, n, kind="short"):

@@ -62,6 +62,7 @@ WORLD_TASKS = {"one": ("single_object", "colors"), "clean": TASKS, "full": TASKS
 PER_TASK = 64          # prompts per task (GenEval has 80 to 100)
 COUNTS = (2, 3, 4)     # counting asks for 2 to 4, like GenEval; 4 fills the layout
 WORDS = ("left of", "right of", "above", "below")
+GRID_COLUMNS = 8       # images per task in the report's grid of GenEval-style samples
 DETECT_BATCH = 512     # images per detector call (the same detector, and threshold, as the alignment reward)
 
 
@@ -214,10 +215,11 @@ def top_targets(R, n):
 
 
 def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_captions=64, neg_text="keep",
-             device="cpu", progress=False, world_name="full"):
+             device="cpu", progress=False, world_name="full", grid_path=None):
     """One model, one sampling seed, at the top reward target with guidance w = cfg: the mean of
     every reward on fresh captions of the world, the alignment reward fact by fact, and the
-    GenEval-style scores of the tasks the world can draw. {metric: float}."""
+    GenEval-style scores of the tasks the world can draw. {metric: float}. With grid_path, the
+    first GRID_COLUMNS images of each task go to a PNG, a row per task, each under its prompt."""
     captions = sampler.fresh_captions(n_captions, world_name=world_name)
     metas = geneval_prompts(per_task, tasks=WORLD_TASKS[world_name])
     prompts = captions + [m["prompt"] for m in metas]
@@ -226,6 +228,11 @@ def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_caption
     result = {name: float(fn(images[:n_captions], captions).nanmean()) for name, fn in rewards.REWARDS.items()}
     result.update(alignment_facts(images[:n_captions], captions))
     result.update(geneval(images[n_captions:], metas))
+    if grid_path:
+        rows = [[i for i, m in enumerate(metas) if m["tag"] == task][:GRID_COLUMNS] for task in WORLD_TASKS[world_name]]
+        shown = [i for row in rows for i in row]
+        sampler.save_grid(images[n_captions:][shown], [metas[i]["prompt"] for i in shown], grid_path,
+                          columns=GRID_COLUMNS, scale=4)
     return result
 
 
@@ -384,7 +391,9 @@ def report(args):
     summary, results = {}, {"config": vars(args), "world": world_name, "runs": {}}
     for run, (model, ckpt) in models.items():
         per_seed = [evaluate(model, ckpt["reward_names"], seed, args.cfg, args.steps, args.per_task, args.captions,
-                             args.neg_text, device, progress=True, world_name=world_name) for seed in range(args.seeds)]
+                             args.neg_text, device, progress=True, world_name=world_name,
+                             grid_path=os.path.join(eval_dir, f"geneval_{run}.png") if seed == 0 else None)
+                    for seed in range(args.seeds)]
         summary[run] = {"mean": {m: float(np.mean([r[m] for r in per_seed])) for m in metrics},
                         "std": {m: float(np.std([r[m] for r in per_seed])) for m in metrics}}
         results["runs"][run] = {"step": ckpt["step"], "rewards": ckpt["reward_names"], "seeds": per_seed, **summary[run]}
@@ -402,6 +411,8 @@ def report(args):
     ranges = reward_ranges(args.out)
     plot_radar(summary, all_rewards + ["overall"], ranges, os.path.join(eval_dir, "radar.png"))
     results["reward_ranges"] = ranges
+    md += ["GenEval-style samples of sampling seed 0, a row per task (the first prompts of each):\n",
+           *[f"{run}:\n\n![{run}](geneval_{run}.png)\n" for run in runs]]
     md += ["![radar](radar.png)", "", "The radar places each reward between the 1st (0) and the 99th (1) percentile of "
            "the training images' scores; GenEval overall as it is.", ""]
 

@@ -7,16 +7,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
 WORLD=${WORLD:-full}
-case "$WORLD" in
-  one)   DEFAULT_STEPS=600 ;;
-  clean) DEFAULT_STEPS=600 ;;
-  full)  DEFAULT_STEPS=600 ;;
+case "$WORLD" in            # scenes, and training steps per run (batch 16)
+  one)   SCENES=10000; DEFAULT_STEPS=900 ;;
+  clean) SCENES=20000; DEFAULT_STEPS=1200 ;;
+  full)  SCENES=20000; DEFAULT_STEPS=1200 ;;
   *) echo "run.sh: error: WORLD=$WORLD: use one, clean or full" >&2; exit 2 ;;
 esac
-STEPS=${STEPS:-$DEFAULT_STEPS}  # training steps per run (batch 32)
+STEPS=${STEPS:-$DEFAULT_STEPS}
 EVAL=$((STEPS / 6))             # evaluations logged during training: the convergence curves
 
-python 01_caption.py --out "$OUT" --world "$WORLD"                                 # 20,000 scenes, 4 captions each
+python 01_caption.py --out "$OUT" --world "$WORLD" --n "$SCENES"                   # 4 captions each
 python 02_score.py   --out "$OUT"                                                  # 4 offline rewards per image
 python 03_bin.py     --out "$OUT"                                                  # 5 equal-population bins per reward
 python 04_model.py   --preset tiny                                                 # the network: size, FLOPs, self-checks

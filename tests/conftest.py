@@ -15,6 +15,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains or runs whole stages (skip with -m 'not slow')")
 
 
+# Tests built on these fixtures run stages end to end: they are the slow tier. The fast tier,
+# `pytest -m "not slow"`, keeps the known-answer and contract tests.
+SLOW_FIXTURES = {"small_dataset", "two_runs", "torchrun"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def stage(name):
     """The module of a stage script, e.g. stage("02_score")."""
     return importlib.import_module(name)

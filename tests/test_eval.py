@@ -69,7 +69,7 @@ def test_report_end_to_end(runs):
     assert list(results["best_of"]["curves"]["miro"]) == ["1", "2"]
     assert len(results["sweep"]["target"]) == 4 and len(results["sweep"]["cfg"]) == 4
     report = (eval_dir / "report.md").read_text()
-    for figure in ("radar", "curves", "best_of", "sweep", "cfg", "isolation"):
+    for figure in ("radar", "curves", "best_of", "sweep", "cfg", "isolation", "geneval_miro", "geneval_baseline"):
         assert (eval_dir / f"{figure}.png").exists() and f"({figure}.png)" in report
     assert "| miro |" in report and "| baseline |" in report and "reward hacking" in report
 

@@ -25,6 +25,7 @@ def test_paper_preset_is_0_36b_parameters():
     assert abs(params / 0.36e9 - 1) < 0.10, params
 
 
+@pytest.mark.slow
 def test_model_main_prints_the_table():
     out = run("04_model.py", "--preset", "tiny").stdout
     assert "fwd GFLOP/img" in out and "sample 50x2 GFLOP" in out
@@ -160,7 +161,8 @@ def test_raw_output_is_the_image_or_the_skip_residual(prediction):
     """With the output layer zeroed, an x-predicting net guesses the image 0 (v = x_t / t) and a
     v-predicting one the linear guess c_skip x_t."""
     model, args = tiny(1, prediction=prediction)
-    torch.nn.init.zeros_(model.patch_out.weight), torch.nn.init.zeros_(model.patch_out.bias)
+    last = model.patch_out[-1] if isinstance(model.patch_out, torch.nn.Sequential) else model.patch_out  # patch_mlp
+    torch.nn.init.zeros_(last.weight), torch.nn.init.zeros_(last.bias)
     x_t, _, levels, ids = net.dummy_inputs(args, 3)
     t = torch.tensor([0.02, 0.5, 1.0])
     with torch.no_grad():
@@ -181,7 +183,8 @@ def test_self_conditioned_step_reaches_every_parameter(amp):
     loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
-    assert model.patch_in.weight.grad.abs().sum() > 0
+    first = model.patch_in[0] if isinstance(model.patch_in, torch.nn.Sequential) else model.patch_in  # patch_mlp
+    assert first.weight.grad.abs().sum() > 0
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
