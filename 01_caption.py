@@ -28,9 +28,10 @@ writes the long and the short caption of each image from the paper's two caption
 prompts (greedy, batched); an answer with no caption in it keeps the alt text, and the
 count of those is printed and stored. --captioner none keeps the alt text for both.
 
-Writes OUT/images.npy (uint8 [N, H, W, 3]) and OUT/captions.pt (alt, long, short,
-brief and world for the shapes world, meta, source, version, config; for a folder also captioner and fallbacks). Same seed,
-same bytes.
+Writes OUT/images.npy (uint8 [N, H, W, 3]), OUT/captions.pt (alt, long, short,
+brief and world for the shapes world, meta, source, version, config; for a folder also
+captioner and fallbacks) and OUT/world.png (the first 16 images under their short captions).
+Same seed, same bytes.
 """
 import argparse
 import hashlib
@@ -44,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 STAGE = "01_caption.py"  # in every error line of this stage
@@ -577,6 +578,24 @@ def load_images(path, stage):
     return images
 
 
+def save_grid(images, labels, path, columns, scale=4):
+    """A PNG grid of uint8 images (N, H, W, 3), upscaled scale times so a person can read it, each
+    with a short label under it (01's look at the data, 06's samples, 07's figures)."""
+    images = torch.as_tensor(np.asarray(images))
+    N, H, W, _ = images.shape
+    rows = -(-N // columns)
+    cell_w, cell_h = W * scale, H * scale + 12
+    canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, label) in enumerate(zip(images.numpy(), labels)):
+        x, y = (i % columns) * cell_w, (i // columns) * cell_h
+        canvas.paste(Image.fromarray(image).resize((cell_w, H * scale), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + H * scale), label[: cell_w // 6], fill="black")
+    tmp = path + ".tmp.png"
+    canvas.save(tmp)
+    os.replace(tmp, path)
+
+
 def resolve_device(spec, stage):
     """--device auto (CUDA if there is one, else CPU), cpu, cuda or cuda:N -> torch.device; under
     torchrun, cuda is this process's GPU (LOCAL_RANK). Stops with one line for a device this
@@ -696,7 +715,10 @@ def main():
     captions.update(version=VERSION, config=file_config(args))
     save_atomic(images, os.path.join(args.out, "images.npy"))
     save_atomic(captions, os.path.join(args.out, "captions.pt"))
-    print(f"wrote {len(images)} images {images.shape[1]}x{images.shape[2]} to {args.out}/images.npy and captions.pt")
+    shown = min(16, len(images))  # a look at the data, each image under its short caption
+    save_grid(images[:shown], captions["short"][:shown], os.path.join(args.out, "world.png"), columns=8)
+    print(f"wrote {len(images)} images {images.shape[1]}x{images.shape[2]} to {args.out}/images.npy and captions.pt, "
+          f"the first {shown} in world.png")
     for i in range(min(3, len(images))):
         print(f"  [{i}] alt: {captions['alt'][i]!r}\n      long: {captions['long'][i]!r}\n      short: {captions['short'][i]!r}"
               + (f"\n      brief: {captions['brief'][i]!r}" if "brief" in captions else ""))

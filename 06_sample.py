@@ -38,7 +38,6 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 world = importlib.import_module("01_caption")  # file helpers
@@ -206,22 +205,6 @@ def read_prompts(path):
     return prompts
 
 
-def save_grid(images, labels, path, columns, scale=3):
-    """A PNG grid of uint8 images (N, H, W, 3), upscaled, each with a short label under it."""
-    N, H, W, _ = images.shape
-    rows = -(-N // columns)
-    cell_w, cell_h = W * scale, H * scale + 12
-    canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (image, label) in enumerate(zip(images.numpy(), labels)):
-        x, y = (i % columns) * cell_w, (i // columns) * cell_h
-        canvas.paste(Image.fromarray(image).resize((cell_w, H * scale), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + H * scale), label[: cell_w // 6], fill="black")
-    tmp = path + ".tmp.png"
-    canvas.save(tmp)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- main
 def targets_for(args, names):
     """Per mode: a list of (label, s+, s-) rows, each applied to every prompt."""
@@ -303,7 +286,7 @@ def main():
                        "s_minus": torch.tensor(s_minus).reshape(shape), "cfg": args.cfg, "steps": args.steps,
                        "seed": args.seed, "version": VERSION, "config": world.file_config(args)},
                       os.path.join(run_dir, "samples.pt"))
-    save_grid(images, labels, os.path.join(run_dir, "samples.png"), columns=min(len(prompts), 8))
+    world.save_grid(images, labels, os.path.join(run_dir, "samples.png"), columns=min(len(prompts), 8))
     print(f"wrote {os.path.join(run_dir, 'samples.pt')} and samples.png ({len(images)} images)")
 
 

@@ -231,7 +231,7 @@ def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_caption
     if grid_path:
         rows = [[i for i, m in enumerate(metas) if m["tag"] == task][:GRID_COLUMNS] for task in WORLD_TASKS[world_name]]
         shown = [i for row in rows for i in row]
-        sampler.save_grid(images[n_captions:][shown], [metas[i]["prompt"] for i in shown], grid_path,
+        world.save_grid(images[n_captions:][shown], [metas[i]["prompt"] for i in shown], grid_path,
                           columns=GRID_COLUMNS, scale=4)
     return result
 
@@ -271,7 +271,7 @@ def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, 
         images.append(sampler.generate(model, captions, [[1.0] * len(names)] * n_prompts, [s_minus] * n_prompts, cfg,
                                        seed, steps, neg_text=neg_text, device=device))
         labels += [label] + [""] * (n_prompts - 1)
-    sampler.save_grid(torch.cat(images), labels, path, columns=n_prompts)
+    world.save_grid(torch.cat(images), labels, path, columns=n_prompts)
 
 
 # ----------------------------------------------------------------------------- the report

@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 OUT=${OUT:-out}
 WORLD=${WORLD:-full}
 case "$WORLD" in            # scenes, and training steps per run (batch 16)
-  one)   SCENES=10000; DEFAULT_STEPS=900 ;;
+  one)   SCENES=10000; DEFAULT_STEPS=800 ;;
   clean) SCENES=20000; DEFAULT_STEPS=1200 ;;
   full)  SCENES=20000; DEFAULT_STEPS=1200 ;;
   *) echo "run.sh: error: WORLD=$WORLD: use one, clean or full" >&2; exit 2 ;;
