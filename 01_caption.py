@@ -565,6 +565,27 @@ def load_pt(path, keys, stage, rerun):
     return data
 
 
+def read_jsonl(path, stage):
+    """The JSON objects of a .jsonl file, one a line. A line that is not one (a write cut short by a
+    crash) is skipped with a warning, so that a run's log stays readable."""
+    records, skipped = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                skipped += 1
+    if skipped:
+        print(f"{stage}: warning: skipped {skipped} unreadable line(s) of {path} (a write cut short)", file=sys.stderr)
+    return records
+
+
 def load_images(path, stage):
     """images.npy, memory-mapped: uint8 [N, H, W, 3]."""
     if not os.path.exists(path):

@@ -38,6 +38,7 @@ so a resumed run is bit-for-bit the run that was never stopped.
 import argparse
 import copy
 import functools
+import glob
 import importlib
 import inspect
 import json
@@ -309,6 +310,8 @@ def train(args):
         sys.exit(f"{STAGE}: error: --resume: the run was trained on rewards {checkpoint['reward_names']}, not {names}")
     if rank == 0:
         world.prepare_out(run_dir, STAGE)
+        for stale in glob.glob(glob.escape(ckpt_path) + ".tmp*"):  # a save that a killed process left half done
+            os.remove(stale)
 
     torch.manual_seed(args.seed)
     raw_model = net.TextRIN(**model_args).to(device)
@@ -334,10 +337,9 @@ def train(args):
               f"{world_size} x {device}, steps {step} -> {args.stop_at or args.steps}")
         kept = []  # the log keeps exactly the steps the checkpoint has seen
         if checkpoint and os.path.exists(log_path):
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= step]
+            kept = [r for r in world.read_jsonl(log_path, STAGE) if r.get("step", step + 1) <= step]
         with open(log_path, "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(r) + "\n" for r in kept)
 
     data = (images, ids, levels)
     last_good, window, started = step, [], time.perf_counter()
@@ -385,6 +387,10 @@ def train(args):
                       f"| {images_per_s:7.1f} img/s | MFU {mfu}", flush=True)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
+        if (step % args.log_every == 0 or step % args.ckpt_every == 0 or step == end) and not all(
+                torch.isfinite(p).all() for p in raw_model.parameters()):  # an update can overflow on a finite loss
+            kept = f"{ckpt_path} keeps step {last_good}, the last good checkpoint" if last_good else "no checkpoint was written"
+            sys.exit(f"{STAGE}: error: non-finite weights after step {step}: stopped; {kept}")
         if rank == 0 and (step % args.ckpt_every == 0 or step == end):
             save_checkpoint(ckpt_path, raw_model, ema, optimizer, step, model_args, names, bins, args)
             last_good = step

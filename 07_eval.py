@@ -280,8 +280,7 @@ def read_log(out, run):
     path = os.path.join(out, "runs", run, "log.jsonl")
     if not os.path.exists(path):
         sys.exit(f"07_eval: error: run {run} has no log at {path}: train it with 05_train.py")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = world.read_jsonl(path, STAGE)
     return [r for r in records if "loss" in r], [r for r in records if "eval" in r]
 
 

@@ -156,3 +156,23 @@ def test_network_settings_and_caption_kinds_are_flags(data):
         result = run("05_train.py", "--out", data, "--run", "bad", "--steps", 1, *bad, *FAST, check=False)
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and all(w in lines[0] for w in words), result.stderr
+
+
+def test_non_finite_weights_after_a_finite_loss_stop_the_run(data):
+    """A rate that overflows float32 in the update: the loss of step 1 is finite, its update is not.
+    The run stops before it writes NaN weights."""
+    args = ["--out", data, "--run", "overflow", "--steps", 3, "--lr", 1e39, "--warmup", 1, "--ckpt-every", 1,
+            "--batch-size", 8]
+    fails_in_one_line(*args, expect=["non-finite weights after step 1", "no checkpoint was written"])
+    assert not (data / "runs" / "overflow" / "ckpt.pt").exists()
+
+
+def test_a_crash_mid_write_leaves_nothing_that_breaks_a_resume(data):
+    run("05_train.py", "--out", data, "--run", "cut", "--steps", 2, *FAST)
+    log = data / "runs" / "cut" / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "lo')  # a crash in the middle of a write
+    stale = data / "runs" / "cut" / "ckpt.pt.tmp4242"  # and a save a killed process left behind
+    stale.write_bytes(b"half a checkpoint")
+    result = run("05_train.py", "--out", data, "--run", "cut", "--steps", 3, "--resume", *FAST)
+    assert "skipped 1 unreadable line" in result.stderr
+    assert [r["step"] for r in log_of(data, "cut")] == [1, 2, 3] and not stale.exists()
