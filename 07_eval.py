@@ -156,7 +156,7 @@ def judge(objects, meta, size):
 def correctness(images, metas):
     """Right or wrong per image: images uint8 [N, H, W, 3], one metadata dict each -> [N] bools."""
     if len(images) != len(metas):
-        sys.exit(f"07_eval: error: {len(images)} images for {len(metas)} GenEval prompts")
+        sys.exit(f"{STAGE}: error: {len(images)} images for {len(metas)} GenEval prompts")
     size = images.shape[1]
     right = []
     for start in range(0, len(images), DETECT_BATCH):
@@ -279,7 +279,7 @@ def read_log(out, run):
     """log.jsonl of a run: (training records, evaluation records)."""
     path = os.path.join(out, "runs", run, "log.jsonl")
     if not os.path.exists(path):
-        sys.exit(f"07_eval: error: run {run} has no log at {path}: train it with 05_train.py")
+        sys.exit(f"{STAGE}: error: run {run} has no log at {path}: train it with 05_train.py")
     records = world.read_jsonl(path, STAGE)
     return [r for r in records if "loss" in r], [r for r in records if "eval" in r]
 
@@ -501,7 +501,7 @@ def find_runs(out, spec):
                        os.path.exists(os.path.join(out, "runs", d, "ckpt.pt"))) if os.path.isdir(os.path.join(out, "runs")) else []
         runs = sorted(found, key=lambda r: (r != "miro", r != "baseline", r))
     if not runs:
-        sys.exit(f"07_eval: error: no trained run in {out}/runs: train one with 05_train.py")
+        sys.exit(f"{STAGE}: error: no trained run in {out}/runs: train one with 05_train.py")
     return runs
 
 

@@ -53,6 +53,7 @@ def test_same_seed_same_bytes(small_dataset, tmp_path):
     assert digest(again) == digest(small_dataset)
 
 
+@pytest.mark.slow
 def test_rewards_are_not_all_the_same_signal_on_the_default_dataset(tmp_path):
     """The default dataset (20,000 scenes): no pair of rewards has |Spearman| above 0.9."""
     run("01_caption.py", "--out", tmp_path)
@@ -65,6 +66,7 @@ def test_rewards_are_not_all_the_same_signal_on_the_default_dataset(tmp_path):
     assert "Spearman" in printed and "images per bin" in printed
 
 
+@pytest.mark.slow
 def test_folder_source(tmp_path):
     from PIL import Image
     folder = tmp_path / "photos"
@@ -109,6 +111,7 @@ def fails_cleanly(script, *args, expect, untouched=None):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_missing_inputs(tmp_path):
     fails_cleanly("02_score.py", "--out", tmp_path, expect=["images.npy", "missing", "01_caption.py"])
     fails_cleanly("03_bin.py", "--out", tmp_path, expect=["scores.pt", "missing", "02_score.py"])
@@ -139,6 +142,7 @@ def test_unknown_reward_and_bad_flags(work):
     fails_cleanly("01_caption.py", "--out", work, "--size", 30, expect=["--size"], untouched=[work / "images.npy"])
 
 
+@pytest.mark.slow
 def test_unwritable_out(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -127,6 +127,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data):
     assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_benchmark_flag_prints_a_table():
     out = run("05_train.py", "--benchmark", "--bench-steps", 1, "--batch-size", 2).stdout
     row = next(line for line in out.splitlines() if line.split()[:2] == ["tiny", "TextRIN"])
