@@ -18,7 +18,7 @@ shows each image with its alt text, its long, short or brief caption (brief ones
 time): the paper mixes the original alt text with synthetic long and short captions.
 
     python 05_train.py                                      # MIRO on the shapes world (tiny preset, CPU)
-    python 05_train.py --eval-every 100                     # + evaluations in log.jsonl (07_eval.py)
+    python 05_train.py --eval-every 100                     # + EMA snapshots for 07's convergence curves
     python 05_train.py --rewards none --run baseline        # the same model without rewards
     python 05_train.py --rewards colourfulness --run only_colourfulness
     python 05_train.py --run miro --resume --steps 4000     # continue a run from its checkpoint
@@ -29,8 +29,9 @@ time): the paper mixes the original alt text with synthetic long and short capti
 
 Reads OUT/images.npy, OUT/captions.pt, OUT/bins.pt; writes OUT/runs/RUN/ckpt.pt (every
 --ckpt-every steps and at the end, atomically) and OUT/runs/RUN/log.jsonl (one JSON line
-per logged step, and one {"step", "eval"} line per evaluation: reward means and GenEval-style
-scores of EMA samples at the top reward target, 07_eval.evaluate). Prints one line per
+per logged step) and, with --eval-every N, OUT/runs/RUN/snapshots/STEP.pt every N steps: the EMA
+weights in half precision, which 07_eval.py samples to draw reward against step (paper Fig. 5).
+Prints one line per
 --log-every steps: loss, lr, grad norm, images/s, MFU.
 Every step's randomness (batch, t, noise, caption choice) is seeded by (seed, step, rank),
 so a resumed run is bit-for-bit the run that was never stopped.
@@ -395,28 +396,20 @@ def train(args):
             save_checkpoint(ckpt_path, raw_model, ema, optimizer, step, model_args, names, bins, args)
             last_good = step
         if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == end):
-            eval_started = time.perf_counter()
-            evaluate_during_training(ema, names, step, args, device, log_path)
-            started += time.perf_counter() - eval_started  # the evaluation's time is not training throughput
+            save_snapshot(run_dir, ema, step)
     if rank == 0:
         print(f"saved {ckpt_path} at step {step}")
     if ddp:
         dist.destroy_process_group()
 
 
-def evaluate_during_training(ema, names, step, args, device, log_path):
-    """Sample with the EMA weights at the top reward target (07_eval.py) and log reward means and
-    GenEval-style scores: the curves of reward against training step (paper Fig. 5)."""
-    evaluator = importlib.import_module("07_eval")
-    ema.eval()
-    result = evaluator.evaluate(ema, names, seed=0, cfg=args.eval_cfg, steps=args.eval_steps,
-                                per_task=args.eval_per_task, n_captions=args.eval_captions, device=device,
-                                world_name=evaluator.dataset_world(args.out))
-    ema.train()
-    shown = " | ".join(f"{k} {v:.3f}" for k, v in result.items() if k in evaluator.rewards.REWARDS or k == "overall")
-    print(f"eval {step:6d} | {shown}", flush=True)
-    with open(log_path, "a") as f:
-        f.write(json.dumps({"step": step, "eval": result}) + "\n")
+def save_snapshot(run_dir, ema, step):
+    """The EMA weights at this step, in half precision (half the disk; 07_eval.py samples them in
+    float32): what 07 needs to draw reward against training step, without 05 calling 07."""
+    os.makedirs(os.path.join(run_dir, "snapshots"), exist_ok=True)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()}
+    world.save_atomic({"ema": weights, "step": step, "version": VERSION},
+                      os.path.join(run_dir, "snapshots", f"{step:07d}.pt"))
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -543,11 +536,8 @@ def main():
     parser.add_argument("--seed", type=world.natural, default=0, help="seed of the initialisation and of every step's draws")
     parser.add_argument("--log-every", type=world.count, default=25, help="steps between log lines")
     parser.add_argument("--ckpt-every", type=world.count, default=500, help="steps between checkpoints")
-    parser.add_argument("--eval-every", type=world.natural, default=0, help="steps between evaluations logged to log.jsonl (0: none)")
-    parser.add_argument("--eval-cfg", type=world.finite, default=1.0, help="guidance weight of those evaluations")
-    parser.add_argument("--eval-steps", type=world.count, default=12, help="Euler steps of those evaluations")
-    parser.add_argument("--eval-per-task", type=world.count, default=4, help="GenEval-style prompts per task in those evaluations")
-    parser.add_argument("--eval-captions", type=world.count, default=32, help="held-out captions scored in those evaluations")
+    parser.add_argument("--eval-every", type=world.natural, default=0,
+                        help="steps between EMA snapshots for 07_eval.py's convergence curves (0: none)")
     parser.add_argument("--resume", action="store_true", help="continue OUT/runs/RUN from its checkpoint")
     parser.add_argument("--peak-tflops", type=world.non_negative, default=0, help="peak TFLOP/s for MFU (default: known GPU or measured CPU)")
     parser.add_argument("--benchmark", action="store_true", help="time train steps on random data, print img/s and MFU")

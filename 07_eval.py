@@ -26,7 +26,7 @@ The report compares runs (rows) on every reward, every task and each fact the al
 reward checks (alignment_facts), each number the mean
 ± std over sampling seeds at the top reward target s+ = 1, s- = 0 with guidance w (text
 guidance for a run without rewards), and draws the paper's figures on the shapes world:
-the radar of Fig. 4, reward against training step from the evaluations 05_train.py logs
+the radar of Fig. 4, reward against training step from the EMA snapshots 05_train.py saves
 (Fig. 5) with the convergence speed-up per metric (the baseline's steps to its final
 value over the steps MIRO takes to first reach it), best of N = 1, 2, 4, 8 (Fig. 8), a
 sweep of one reward's positive target and of w (Fig. 12), and the per-reward isolation
@@ -36,7 +36,7 @@ grid (Fig. 9).
     python 07_eval.py --runs miro,baseline,colourfulness --cfg 2
     python 07_eval.py --geneval-prompts     # the prompt set: counts and two examples per task
 
-Reads OUT/runs/NAME/ckpt.pt and log.jsonl; writes OUT/eval/report.md (the tables, the
+Reads OUT/runs/NAME/ckpt.pt, log.jsonl and snapshots/ (05_train.py --eval-every); writes OUT/eval/report.md (the tables, the
 figures embedded), OUT/eval/results.json (every number, per seed) and OUT/eval/*.png.
 """
 import argparse
@@ -276,12 +276,29 @@ def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, 
 
 # ----------------------------------------------------------------------------- the report
 def read_log(out, run):
-    """log.jsonl of a run: (training records, evaluation records)."""
+    """The training records of a run's log.jsonl (loss, lr, images/s per logged step)."""
     path = os.path.join(out, "runs", run, "log.jsonl")
     if not os.path.exists(path):
         sys.exit(f"{STAGE}: error: run {run} has no log at {path}: train it with 05_train.py")
-    records = world.read_jsonl(path, STAGE)
-    return [r for r in records if "loss" in r], [r for r in records if "eval" in r]
+    return [r for r in world.read_jsonl(path, STAGE) if "loss" in r]
+
+
+def snapshot_evals(out, run, model, names, args, world_name, device):
+    """Reward against training step (paper Fig. 5): each EMA snapshot 05_train.py --eval-every saved,
+    loaded into the run's network and evaluated as the final model is, on fewer prompts.
+    [{"step", "eval": {metric: float}}] in step order; [] without snapshots."""
+    folder = os.path.join(out, "runs", run, "snapshots")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    records = []
+    for name in files:
+        snapshot = world.load_pt(os.path.join(folder, name), ["ema", "step"], STAGE, "05_train.py --eval-every")
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in snapshot["ema"].items()})
+        records.append({"step": snapshot["step"], "eval": evaluate(
+            model, names, 0, args.cfg, args.steps, args.curve_per_task, args.curve_captions, args.neg_text, device,
+            world_name=world_name)})
+    model.load_state_dict(final)
+    return records
 
 
 def speedup(miro_evals, base_evals, metric):
@@ -381,7 +398,8 @@ def report(args):
     runs = find_runs(args.out, args.runs)
     eval_dir = os.path.join(args.out, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    logs = {run: read_log(args.out, run) for run in runs}
+    for run in runs:  # every run was trained by 05 (its log is there)
+        read_log(args.out, run)
     models = {run: sampler.load_run(args.out, run, device=device, stage=STAGE) for run in runs}
     world_name = dataset_world(args.out)
     tasks = WORLD_TASKS[world_name]
@@ -424,7 +442,8 @@ def report(args):
         results["miro_beats_baseline"] = beats
         md += [f"{miro} beats {base} by more than the seed spread on: "
                f"{', '.join(m for m, ok in beats.items() if ok) or 'nothing'}.", ""]
-        evals = {run: logs[run][1] for run in (miro, base)}
+        evals = {run: snapshot_evals(args.out, run, models[run][0], models[run][1]["reward_names"], args, world_name,
+                                     device) for run in (miro, base)}
         if all(evals.values()):
             speed = {m: speedup(evals[miro], evals[base], m) for m in all_rewards + ["overall"]}
             results["speedup"] = speed
@@ -516,6 +535,9 @@ def main():
     parser.add_argument("--seeds", type=world.count, default=3, help="sampling seeds (the spread of every number)")
     parser.add_argument("--per-task", type=world.count, default=50, help="GenEval-style prompts per task")
     parser.add_argument("--captions", type=world.count, default=64, help="fresh captions for the reward means")
+    parser.add_argument("--curve-per-task", type=world.count, default=4,
+                        help="GenEval-style prompts per task for each training snapshot (the convergence curves)")
+    parser.add_argument("--curve-captions", type=world.count, default=32, help="fresh captions for each snapshot")
     parser.add_argument("--select", default="alignment", help="the reward that picks the best of N")
     parser.add_argument("--best-k", type=world.natural, default=3, help="best of N for N = 1, 2, ..., 2^k")
     parser.add_argument("--best-prompts", type=world.count, default=12)

@@ -52,13 +52,12 @@ def small_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def two_runs(small_dataset, tmp_path_factory):
-    """MIRO (all 4 rewards) and the baseline, 2 steps each on the small dataset, with an
-    evaluation logged after every step; shared by the sampling and evaluation tests."""
+    """MIRO (all 4 rewards) and the baseline, 2 steps each on the small dataset, with an EMA
+    snapshot after every step; shared by the sampling and evaluation tests."""
     out = tmp_path_factory.mktemp("runs")
     for name in ("images.npy", "captions.pt", "scores.pt", "bins.pt"):
         shutil.copy(small_dataset / name, out / name)
-    fast = ["--steps", 2, "--batch-size", 8, "--warmup", 1, "--log-every", 1, "--eval-every", 1,
-            "--eval-steps", 2, "--eval-per-task", 1, "--eval-captions", 2]
+    fast = ["--steps", 2, "--batch-size", 8, "--warmup", 1, "--log-every", 1, "--eval-every", 1]
     run("05_train.py", "--out", out, "--run", "miro", *fast)
     run("05_train.py", "--out", out, "--run", "baseline", "--rewards", "none", *fast)
     return out

@@ -1,4 +1,5 @@
 """07_eval.py: the convergence speed-up on known curves, the report end to end, bad input."""
+import argparse
 import json
 import os
 import shutil
@@ -6,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import fails_in_one_line, run, stage
+from conftest import ROOT, fails_in_one_line, run, stage
 
 ev = stage("07_eval")
 
@@ -42,18 +43,22 @@ def runs(two_runs):
     return two_runs
 
 
-def test_training_logs_periodic_evaluations(runs):
-    lines = [json.loads(line) for line in (runs / "runs" / "miro" / "log.jsonl").read_text().splitlines()]
-    evals = [r for r in lines if "eval" in r]
+def test_training_snapshots_are_evaluated_by_07(runs):
+    """05 saves EMA snapshots (--eval-every) and 07 evaluates them: reward against step, with no
+    later stage imported by 05."""
+    model, ckpt = ev.sampler.load_run(runs, "miro")
+    args = argparse.Namespace(cfg=1.0, steps=2, curve_per_task=1, curve_captions=2, neg_text="keep")
+    evals = ev.snapshot_evals(runs, "miro", model, ckpt["reward_names"], args, "full", "cpu")
     assert [r["step"] for r in evals] == [1, 2]
     assert set(ev.rewards.REWARDS) | set(ev.TASKS) | {"overall"} <= set(evals[0]["eval"])
+    assert 'import_module("07_eval")' not in (ROOT / "05_train.py").read_text()
 
 
 def test_report_end_to_end(runs):
     run("05_train.py", "--out", runs, "--run", "colourfulness", "--rewards", "colourfulness", "--steps", 1,
-        "--batch-size", 8, "--warmup", 1, "--eval-every", 1, "--eval-steps", 1, "--eval-per-task", 1,
-        "--eval-captions", 2)
+        "--batch-size", 8, "--warmup", 1, "--eval-every", 1)
     run("07_eval.py", "--out", runs, "--steps", 2, "--seeds", 2, "--per-task", 2, "--captions", 4,
+        "--curve-per-task", 1, "--curve-captions", 2,
         "--best-prompts", 2, "--best-k", 1, "--sweep-prompts", 2, "--sweep-levels", 4, "--cfg-sweep", "0,1,2,3",
         "--grid-prompts", 2)
     eval_dir = runs / "eval"
