@@ -217,8 +217,8 @@ def mlp(dim_in, hidden, dim_out):
 
 
 def embedder(dim, freq_dim=256):
-    """sinusoid features -> token: Linear, SiLU, Linear."""
-    return nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+    """sinusoid features -> token."""
+    return mlp(freq_dim, dim, dim)
 
 
 # ----------------------------------------------------------------------------- text
