@@ -529,26 +529,67 @@ def file_config(args):
     return {k: v for k, v in vars(args).items() if k != "out"}
 
 
+def images_id(images):
+    """A fingerprint of an image array: its shape and 64 rows spread over it (cheap on a memory-mapped
+    file). captions.pt records the one of the images it was written with."""
+    digest = hashlib.sha1(str(tuple(images.shape)).encode())
+    for i in np.linspace(0, len(images) - 1, min(64, len(images))).astype(int):
+        digest.update(np.ascontiguousarray(images[i]).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def dataset_id(captions):
-    """A fingerprint of a dataset's captions; 02 and 03 carry it so 05 can tell files of other datasets."""
-    return hashlib.sha1(json.dumps([captions["alt"], captions["long"]]).encode()).hexdigest()[:16]
+    """A fingerprint of a dataset (its captions and the images they were written with); 02 and 03
+    carry it so that 05 can tell files of another dataset."""
+    return hashlib.sha1(json.dumps([captions["alt"], captions["long"], captions.get("images_id")]).encode()).hexdigest()[:16]
+
+
+def check_pair(images, captions, stage):
+    """Stop with one line unless captions.pt was written with this images.npy (01 writes both at once)."""
+    if any(len(captions[kind]) != len(images) for kind in ("alt", "long", "short")):
+        sys.exit(f"{stage}: error: images.npy has {len(images)} images but captions.pt has "
+                 f"{len(captions['alt'])} captions: re-run 01_caption.py")
+    if "images_id" in captions and captions["images_id"] != images_id(images):
+        sys.exit(f"{stage}: error: captions.pt was written with other images than images.npy (a run of "
+                 f"01_caption.py stopped half way?): re-run 01_caption.py")
 
 
 def save_atomic(obj, path):
     """torch.save (np.save for .npy, a str as UTF-8 text) to a temporary name, then rename: never a half file."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    save_together({path: obj})
+
+
+def save_together(files):
+    """Write every {path: obj} to a temporary name first and rename them only when all are written,
+    so that a failure leaves the earlier set whole and no temporary file behind."""
+    written = {}
     try:
-        with open(tmp, "wb") as f:
-            if isinstance(obj, str):
-                f.write(obj.encode())
-            elif str(path).endswith(".npy"):
-                np.save(f, obj)
-            else:
-                torch.save(obj, f)
-        os.replace(tmp, path)
+        for path, obj in files.items():
+            written[path] = tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                if isinstance(obj, str):
+                    f.write(obj.encode())
+                elif str(path).endswith(".npy"):
+                    np.save(f, obj)
+                else:
+                    torch.save(obj, f)
+        for path, tmp in written.items():
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in written.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def process_alive(pid):
+    """Is process pid running on this machine (a lock's owner, a staging folder's writer)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def load_pt(path, keys, stage, rerun):
@@ -733,9 +774,8 @@ def main():
         else:
             print("long and short captions keep the alt text (--captioner none)")
         captions.update(captioner=args.captioner if captioning else None, fallbacks=fallbacks)
-    captions.update(version=VERSION, config=file_config(args))
-    save_atomic(images, os.path.join(args.out, "images.npy"))
-    save_atomic(captions, os.path.join(args.out, "captions.pt"))
+    captions.update(images_id=images_id(images), version=VERSION, config=file_config(args))
+    save_together({os.path.join(args.out, "images.npy"): images, os.path.join(args.out, "captions.pt"): captions})
     shown = min(16, len(images))  # a look at the data, each image under its short caption
     save_grid(images[:shown], captions["short"][:shown], os.path.join(args.out, "world.png"), columns=8)
     print(f"wrote {len(images)} images {images.shape[1]}x{images.shape[2]} to {args.out}/images.npy and captions.pt, "

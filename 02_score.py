@@ -278,9 +278,7 @@ def main():
     world.prepare_out(args.out, STAGE)
     images = world.load_images(os.path.join(args.out, "images.npy"), STAGE)
     captions = world.load_pt(os.path.join(args.out, "captions.pt"), ["alt", "long", "short"], STAGE, "01_caption.py")
-    if any(len(captions[k]) != len(images) for k in ("alt", "long", "short")):
-        sys.exit(f"{STAGE}: error: images.npy has {len(images)} images but captions.pt has "
-                 f"{len(captions['short'])} captions: re-run 01_caption.py")
+    world.check_pair(images, captions, STAGE)
 
     # Under torchrun each rank scores a contiguous share; rank 0 merges the shares and writes.
     rank, world_size = world.distributed(args.device)

@@ -111,9 +111,10 @@ def main():
     if not (torch.is_tensor(scores) and scores.ndim == 2 and scores.shape[1] == len(names)):
         sys.exit(f"{STAGE}: error: scores.pt holds no [N, {len(names)}] score tensor: re-run 02_score.py")
     images_path = os.path.join(args.out, "images.npy")
-    if os.path.exists(images_path) and len(np.load(images_path, mmap_mode="r")) != len(scores):
-        sys.exit(f"{STAGE}: error: scores.pt has {len(scores)} images but images.npy has "
-                 f"{len(np.load(images_path, mmap_mode='r'))}: re-run 02_score.py")
+    if os.path.exists(images_path):
+        n_images = len(world.load_images(images_path, STAGE))
+        if n_images != len(scores):
+            sys.exit(f"{STAGE}: error: scores.pt has {len(scores)} images but images.npy has {n_images}: re-run 02_score.py")
 
     N, B = len(scores), args.bins
     generator = torch.Generator().manual_seed(args.seed)

@@ -37,6 +37,7 @@ Every step's randomness (batch, t, noise, caption choice) is seeded by (seed, st
 so a resumed run is bit-for-bit the run that was never stopped.
 """
 import argparse
+import atexit
 import copy
 import functools
 import glob
@@ -103,8 +104,7 @@ def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
     captions = world.load_pt(os.path.join(out, "captions.pt"), ["alt", "long", "short"], STAGE, "01_caption.py")
     bins = world.load_pt(os.path.join(out, "bins.pt"), ["names", "num_bins", "edges", "bins"], STAGE, "03_bin.py")
     N = len(images)
-    if len(captions["alt"]) != N:
-        sys.exit(f"{STAGE}: error: images.npy has {N} images but captions.pt has {len(captions['alt'])}: re-run 01_caption.py")
+    world.check_pair(images, captions, STAGE)
     if len(bins["bins"]) != N or bins.get("dataset") != world.dataset_id(captions):
         why = f"{len(bins['bins'])} images, not {N}" if len(bins["bins"]) != N else "its captions' fingerprint differs"
         sys.exit(f"{STAGE}: error: bins.pt was made from another dataset ({why}): re-run 02_score.py and 03_bin.py")
@@ -267,7 +267,65 @@ def save_checkpoint(path, raw_model, ema, optimizer, step, model_args, names, bi
     world.save_atomic({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                        "step": step, "model_args": model_args, "reward_names": names, "num_bins": bins["num_bins"],
                        "bin_edges": bins["edges"][[list(bins["names"]).index(n) for n in names]],
+                       "dataset": bins.get("dataset"),
                        "version": VERSION, "config": world.file_config(args)}, path)
+
+
+def check_resume(checkpoint, args):
+    """--resume continues the run it finds: the flags that would change what it is stop in one line."""
+    preset = checkpoint.get("config", {}).get("preset")
+    if args.preset and preset and args.preset != preset:
+        sys.exit(f"{STAGE}: error: --resume: the run was trained with --preset {preset}, not {args.preset}")
+    if args.steps < checkpoint["step"]:
+        sys.exit(f"{STAGE}: error: --resume: the checkpoint is at step {checkpoint['step']}, past --steps {args.steps}")
+
+
+def check_resume_data(checkpoint, bins):
+    """The run continues on the data and reward levels it began with (a re-binned or other dataset
+    would change what each level means)."""
+    if checkpoint.get("dataset") not in (None, bins.get("dataset")):
+        sys.exit(f"{STAGE}: error: --resume: the run was trained on another dataset than the one in this --out "
+                 f"(its fingerprint differs): resume it in its own folder or train a new run")
+    if "num_bins" in checkpoint and checkpoint["num_bins"] != bins["num_bins"]:
+        sys.exit(f"{STAGE}: error: --resume: the run was trained with {checkpoint['num_bins']} bins but bins.pt has "
+                 f"{bins['num_bins']}: re-run 03_bin.py --bins {checkpoint['num_bins']} or train a new run")
+    names = checkpoint.get("reward_names", [])
+    if names and not torch.allclose(checkpoint["bin_edges"].double(),
+                                    bins["edges"][[list(bins["names"]).index(n) for n in names]].double()):
+        sys.exit(f"{STAGE}: error: --resume: bins.pt has other bin edges than the run was trained with "
+                 f"(03_bin.py re-run with other settings?): restore them or train a new run")
+
+
+def take_lock(run_dir):
+    """One process trains a run at a time: a lock file with its process id, removed at exit. A lock
+    whose process is gone (killed) is taken over."""
+    path = os.path.join(run_dir, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and world.process_alive(owner):
+                sys.exit(f"{STAGE}: error: run {os.path.basename(run_dir)} is being trained by process {owner} "
+                         f"({path}): wait for it or stop it")
+            try:
+                os.remove(path)  # its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(release_lock, path)
+        return
+
+
+def release_lock(path):
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def train(args):
@@ -288,6 +346,11 @@ def train(args):
         if not os.path.exists(ckpt_path):
             sys.exit(f"{STAGE}: error: --resume: no checkpoint at {ckpt_path}: train without --resume first")
         checkpoint = world.load_pt(ckpt_path, ["model", "ema", "optimizer", "step", "model_args"], STAGE, STAGE)
+        check_resume(checkpoint, args)
+    elif not args.overwrite and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
+        sys.exit(f"{STAGE}: error: run {args.run} exists in {run_dir}: pass --resume to continue it, "
+                 f"--overwrite to start it afresh, or another --run")
+    args.preset = args.preset or (checkpoint.get("config", {}).get("preset") if checkpoint else None) or "tiny"
     model_args = checkpoint["model_args"] if checkpoint else None
     trained_with = model_args.get("text_encoder", "own") if model_args else args.text_encoder
     if trained_with != args.text_encoder:
@@ -309,8 +372,11 @@ def train(args):
                  f"{images.shape[1]} px images: pick another --preset or re-run 01_caption.py --size")
     if checkpoint and checkpoint["reward_names"] != names:
         sys.exit(f"{STAGE}: error: --resume: the run was trained on rewards {checkpoint['reward_names']}, not {names}")
+    if checkpoint:
+        check_resume_data(checkpoint, bins)
     if rank == 0:
         world.prepare_out(run_dir, STAGE)
+        take_lock(run_dir)
         for stale in glob.glob(glob.escape(ckpt_path) + ".tmp*"):  # a save that a killed process left half done
             os.remove(stale)
 
@@ -341,6 +407,9 @@ def train(args):
             kept = [r for r in world.read_jsonl(log_path, STAGE) if r.get("step", step + 1) <= step]
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+        for snapshot in glob.glob(os.path.join(glob.escape(run_dir), "snapshots", "*.pt")):
+            if int(os.path.basename(snapshot)[:-3]) > step:  # from after the checkpoint, or an earlier run's
+                os.remove(snapshot)
 
     data = (images, ids, levels)
     last_good, window, started = step, [], time.perf_counter()
@@ -507,7 +576,7 @@ def main():
     parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt, bins.pt)")
     parser.add_argument("--run", "--run-name", dest="run", default="miro",
                         help="run name: writes OUT/runs/RUN/ckpt.pt and log.jsonl (--run-name under torchrun)")
-    parser.add_argument("--preset", default="tiny", help=f"network size: {', '.join(net.PRESETS)}")
+    parser.add_argument("--preset", help=f"network size: {', '.join(net.PRESETS)} (default tiny, or the run's on --resume)")
     parser.add_argument("--rewards", default="all", help="all, none (the baseline) or comma-separated names")
     parser.add_argument("--captions", default="mix", help="caption shown with each image: mix (" + ",".join(MIX) +
                         ") or a list of kinds, alt, long, short, brief (long,brief,brief: a third long, two thirds brief)")
@@ -539,13 +608,16 @@ def main():
     parser.add_argument("--eval-every", type=world.natural, default=0,
                         help="steps between EMA snapshots for 07_eval.py's convergence curves (0: none)")
     parser.add_argument("--resume", action="store_true", help="continue OUT/runs/RUN from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start OUT/runs/RUN afresh even if it exists")
     parser.add_argument("--peak-tflops", type=world.non_negative, default=0, help="peak TFLOP/s for MFU (default: known GPU or measured CPU)")
     parser.add_argument("--benchmark", action="store_true", help="time train steps on random data, print img/s and MFU")
     parser.add_argument("--bench-presets", default="tiny", help="presets to benchmark, comma-separated")
     parser.add_argument("--bench-steps", type=world.count, default=10, help="timed steps per benchmark")
     parser.add_argument("--official", action="store_true", help="also time the released MIRO network (miro-t2i)")
     args = parser.parse_args()
-    bad_presets = [p for p in [args.preset] + args.bench_presets.split(",") if p not in net.PRESETS]
+    if args.resume and args.overwrite:
+        parser.error("--resume continues a run and --overwrite starts it afresh: pass one of them")
+    bad_presets = [p for p in [args.preset or "tiny"] + args.bench_presets.split(",") if p not in net.PRESETS]
     if bad_presets:
         sys.exit(f"{STAGE}: error: unknown preset {', '.join(bad_presets)}; known: {', '.join(net.PRESETS)}")
     if min(args.steps, args.batch_size, args.log_every, args.ckpt_every) < 1:

@@ -40,9 +40,11 @@ Reads OUT/runs/NAME/ckpt.pt, log.jsonl and snapshots/ (05_train.py --eval-every)
 figures embedded), OUT/eval/results.json (every number, per seed) and OUT/eval/*.png.
 """
 import argparse
+import glob
 import importlib
 import json
 import os
+import shutil
 import sys
 
 import matplotlib
@@ -393,11 +395,28 @@ def monotone(values):
 
 
 def report(args):
-    """Evaluate every run, draw the figures, write report.md and results.json."""
+    """Evaluate every run, draw the figures, write report.md and results.json. Everything is made in
+    a staging folder and moved into OUT/eval/ at the end, so a failure leaves the last report whole."""
     device = world.resolve_device(args.device, STAGE)
     runs = find_runs(args.out, args.runs)
-    eval_dir = os.path.join(args.out, "eval")
-    os.makedirs(eval_dir, exist_ok=True)
+    final_dir = os.path.join(args.out, "eval")
+    os.makedirs(final_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(args.out), ".eval.tmp*")):  # left by a killed 07
+        pid = stale.rsplit("tmp", 1)[1]
+        if not (pid.isdigit() and world.process_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    eval_dir = os.path.join(args.out, f".eval.tmp{os.getpid()}")
+    os.makedirs(eval_dir)
+    try:
+        write_report(args, runs, device, eval_dir)
+        for name in sorted(os.listdir(eval_dir), key=lambda n: n in ("report.md", "results.json")):
+            os.replace(os.path.join(eval_dir, name), os.path.join(final_dir, name))  # the report last
+    finally:
+        shutil.rmtree(eval_dir, ignore_errors=True)
+    print(f"wrote {final_dir}/report.md, results.json and the figures")
+
+
+def write_report(args, runs, device, eval_dir):
     for run in runs:  # every run was trained by 05 (its log is there)
         read_log(args.out, run)
     models = {run: sampler.load_run(args.out, run, device=device, stage=STAGE) for run in runs}
@@ -497,9 +516,8 @@ def report(args):
                        os.path.join(eval_dir, "isolation.png"), world_name)
         md += ["## Guiding one reward at a time (paper Fig. 9)\n", "![isolation](isolation.png)", ""]
 
-    world.save_atomic("\n".join(md) + "\n", os.path.join(eval_dir, "report.md"))
-    world.save_atomic(json.dumps(results, indent=1) + "\n", os.path.join(eval_dir, "results.json"))
-    print(f"wrote {eval_dir}/report.md, results.json and the figures")
+    world.save_together({os.path.join(eval_dir, "report.md"): "\n".join(md) + "\n",
+                         os.path.join(eval_dir, "results.json"): json.dumps(results, indent=1) + "\n"})
 
 
 def dataset_world(out):

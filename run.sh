@@ -24,9 +24,9 @@ python 04_model.py   --preset tiny                                              
 # cores busy: on a GPU it is bound by kernel launches, and on a CPU one run on one core gets more
 # than half the images per second of one run on two. So each run gets half the cores.
 THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
-OMP_NUM_THREADS=$THREADS python 05_train.py --out "$OUT" --run miro --steps "$STEPS" --eval-every "$EVAL" \
+OMP_NUM_THREADS=$THREADS python 05_train.py --out "$OUT" --run miro --overwrite --steps "$STEPS" --eval-every "$EVAL" \
   > "$OUT/miro_train.log" 2>&1 & miro=$!
-OMP_NUM_THREADS=$THREADS python 05_train.py --out "$OUT" --run baseline --rewards none --steps "$STEPS" --eval-every "$EVAL"
+OMP_NUM_THREADS=$THREADS python 05_train.py --out "$OUT" --run baseline --overwrite --rewards none --steps "$STEPS" --eval-every "$EVAL"
 wait $miro || { tail -n 5 "$OUT/miro_train.log"; exit 1; }  # MIRO's log lines are in that file
 python 06_sample.py  --out "$OUT" --run miro                                       # a grid of held-out captions
 python 07_eval.py    --out "$OUT"                                                  # OUT/eval/report.md

@@ -79,6 +79,28 @@ def test_report_end_to_end(runs):
     assert "| miro |" in report and "| baseline |" in report and "reward hacking" in report
 
 
+def test_a_failed_report_leaves_the_last_one_whole(runs, tmp_path):
+    """07 makes the report, results and figures in a staging folder and moves them into eval/ at
+    the end: a failure half way (here an unreadable snapshot, after the first figures) leaves the
+    earlier report, results and figures byte for byte, and no staging folder."""
+    broken = tmp_path / "broken"
+    shutil.copytree(runs, broken, copy_function=os.symlink)  # links: the checkpoints are large
+    shutil.rmtree(broken / "eval", ignore_errors=True)
+    (broken / "eval").mkdir()
+    for name in ("report.md", "results.json", "radar.png"):
+        (broken / "eval" / name).write_text(f"the last good {name}")
+    snapshot = sorted((broken / "runs" / "miro" / "snapshots").glob("*.pt"))[0]
+    snapshot.unlink()
+    snapshot.write_bytes(b"cut short")
+    before = {p.name: p.read_bytes() for p in (broken / "eval").iterdir()}
+    result = run("07_eval.py", "--out", broken, "--runs", "miro,baseline", "--steps", 1, "--seeds", 1,
+                 "--per-task", 1, "--captions", 2, check=False)  # stderr also holds the progress bars
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "snapshots" in last and "unreadable" in last
+    assert {p.name: p.read_bytes() for p in (broken / "eval").iterdir()} == before
+    assert not list(broken.glob(".eval.tmp*"))
+
+
 def test_bad_input_fails_in_one_line(runs, tmp_path):
     nolog = tmp_path / "nolog"
     shutil.copytree(runs, nolog, copy_function=os.symlink)  # links: the checkpoints are large

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run
+from conftest import run, stage
 
 FILES = ["images.npy", "captions.pt", "scores.pt", "bins.pt"]
 
@@ -133,6 +133,31 @@ def test_n_differs_between_files(work, tmp_path):
     fails_cleanly("02_score.py", "--out", work, expect=["2000", "50", "01_caption.py"], untouched=[work / "scores.pt"])
     shutil.copy(other / "images.npy", work / "images.npy")  # images now 50, scores.pt still 2000
     fails_cleanly("03_bin.py", "--out", work, expect=["2000", "50", "02_score.py"], untouched=[work / "bins.pt"])
+
+
+def test_a_set_of_files_is_written_whole_or_not_at_all(work, tmp_path, monkeypatch):
+    """01 writes images.npy and captions.pt together: a failure on the second leaves both as they
+    were, and no temporary file. A mixed set (images of another run under the same N) is caught by
+    the next stage through the images' fingerprint that captions.pt records."""
+    world = stage("01_caption")
+    images, captions = work / "images.npy", work / "captions.pt"
+    before = {p: p.read_bytes() for p in (images, captions)}
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        raise OSError("no space left on device")
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        world.save_together({images: np.zeros((3, 32, 32, 3), np.uint8), captions: {"alt": []}})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert all(p.read_bytes() == content for p, content in before.items())
+    assert sorted(os.listdir(work)) == sorted(FILES + ["world.png"])
+    other = tmp_path / "other"
+    run("01_caption.py", "--out", other, "--n", 2000, "--seed", 11)
+    shutil.copy(other / "images.npy", work / "images.npy")  # same N, other images
+    fails_cleanly("02_score.py", "--out", work, expect=["other images", "01_caption.py"], untouched=[work / "scores.pt"])
+    fails_cleanly("05_train.py", "--out", work, "--steps", 1, expect=["other images", "01_caption.py"])
+    assert not (work / "runs").exists()
 
 
 def test_unknown_reward_and_bad_flags(work):

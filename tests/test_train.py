@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -177,3 +178,64 @@ def test_a_crash_mid_write_leaves_nothing_that_breaks_a_resume(data):
     result = run("05_train.py", "--out", data, "--run", "cut", "--steps", 3, "--resume", *FAST)
     assert "skipped 1 unreadable line" in result.stderr
     assert [r["step"] for r in log_of(data, "cut")] == [1, 2, 3] and not stale.exists()
+
+
+def test_a_run_is_never_lost_or_mixed(data, small_dataset, tmp_path):
+    """An existing run is not trained over without --resume or --overwrite; --resume refuses what
+    would change the run (fewer steps, another preset, other bins, another dataset), each in one line,
+    and leaves its files as they were."""
+    run("05_train.py", "--out", data, "--run", "keep", "--steps", 2, "--eval-every", 1, *FAST)
+    files = [data / "runs" / "keep" / name for name in ("ckpt.pt", "log.jsonl")]
+    fails_in_one_line("--out", data, "--run", "keep", "--steps", 2, *FAST, untouched=files,
+                      expect=["run keep exists", "--resume", "--overwrite"])
+    fails_in_one_line("--out", data, "--run", "keep", "--steps", 1, "--resume", *FAST, untouched=files,
+                      expect=["step 2", "past --steps 1"])
+    fails_in_one_line("--out", data, "--run", "keep", "--steps", 3, "--resume", "--preset", "small", *FAST,
+                      untouched=files, expect=["--preset tiny", "not small"])
+    rebinned = tmp_path / "rebinned"
+    shutil.copytree(data, rebinned, ignore=shutil.ignore_patterns("runs"))
+    shutil.copytree(data / "runs" / "keep", rebinned / "runs" / "keep")
+    shutil.copy(small_dataset / "scores.pt", rebinned / "scores.pt")
+    for bins, words in ((3, ["5 bins", "bins.pt has 3", "03_bin.py --bins 5"]), (5, ["other bin edges"])):
+        run("03_bin.py", "--out", rebinned, "--bins", bins, "--calib", 500 if bins == 5 else 50000)
+        fails_in_one_line("--out", rebinned, "--run", "keep", "--steps", 3, "--resume", *FAST, expect=words)
+    other = tmp_path / "other"
+    run("01_caption.py", "--out", other, "--n", 60, "--seed", 9)
+    run("02_score.py", "--out", other)
+    run("03_bin.py", "--out", other)
+    shutil.copytree(data / "runs" / "keep", other / "runs" / "keep")
+    fails_in_one_line("--out", other, "--run", "keep", "--steps", 3, "--resume", *FAST, expect=["another dataset"])
+    # --overwrite starts afresh: a new log, and the earlier run's snapshots are gone
+    run("05_train.py", "--out", data, "--run", "keep", "--steps", 1, "--overwrite", *FAST)
+    assert [r["step"] for r in log_of(data, "keep")] == [1] and ckpt_of(data, "keep")["step"] == 1
+    assert not list((data / "runs" / "keep" / "snapshots").glob("*.pt"))
+    assert not (data / "runs" / "keep" / "lock").exists()
+
+
+def test_two_trainings_of_one_run_the_second_refuses(data):
+    """One process owns a run (a lock file with its pid); a second refuses in one line. A killed
+    owner does not leave the run stuck: its lock is taken over, and the resumed run equals an
+    uninterrupted one bit for bit."""
+    args = ["--out", data, "--run", "owned", "--steps", 400, "--ckpt-every", 2, *FAST]
+    first = subprocess.Popen([sys.executable, str(ROOT / "05_train.py"), *map(str, args)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ckpt = data / "runs" / "owned" / "ckpt.pt"
+        for _ in range(600):  # the first run is training once its first checkpoint is there
+            if ckpt.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert first.poll() is None, "the first run ended early"
+        fails_in_one_line(*args, "--resume", expect=["run owned is being trained by process", str(first.pid)])
+    finally:
+        first.kill()  # kill -9: the lock stays behind, its process gone
+        first.wait()
+    assert (data / "runs" / "owned" / "lock").exists()
+    step = ckpt_of(data, "owned")["step"]
+    run("05_train.py", *args, "--stop-at", step + 2, "--resume")
+    run("05_train.py", "--out", data, "--run", "whole", "--steps", 400, "--stop-at", step + 2, *FAST)
+    owned, whole = ckpt_of(data, "owned"), ckpt_of(data, "whole")
+    for part in ("model", "ema"):
+        for key, value in whole[part].items():
+            assert torch.equal(value, owned[part][key]), (part, key)
+    assert not list((data / "runs" / "owned").glob("ckpt.pt.tmp*")) and not (data / "runs" / "owned" / "lock").exists()
