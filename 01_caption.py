@@ -316,16 +316,40 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
 def read_alt_file(path):
-    """Alt text per image: a JSON object {file name: text} or lines 'file name<TAB>text'."""
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json"):
-        return {str(k): str(v) for k, v in json.loads(text).items()}
-    return dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    """Alt text per image: a JSON object {file name: text} or lines 'file name<TAB>text'. A file
+    that is missing, not UTF-8 or not one of these stops with one line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        sys.exit(f"{STAGE}: error: --alt-file {path}: no such file")
+    except UnicodeDecodeError:
+        sys.exit(f"{STAGE}: error: --alt-file {path} is not UTF-8 text")
+    except OSError as e:
+        sys.exit(f"{STAGE}: error: --alt-file {path}: {e.strerror or e}")
+    if not path.endswith(".json"):
+        return dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as e:
+        sys.exit(f"{STAGE}: error: --alt-file {path} is not valid JSON ({e.msg} at line {e.lineno})")
+    if not isinstance(table, dict):
+        sys.exit(f"{STAGE}: error: --alt-file {path} holds a JSON {type(table).__name__}, not an object "
+                 f"{{file name: alt text}}")
+    return {str(k): str(v) for k, v in table.items()}
 
 
 def read_square(path, size):
-    """The centred square crop of an image file, resized to size: a PIL RGB image."""
+    """The centred square crop of an image file, resized to size: a PIL RGB image. 16-bit and
+    float images are scaled to 8 bits (not clipped), transparency is laid over white."""
     with Image.open(path) as im:
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            values = np.asarray(im, np.float64)
+            top = 1.0 if im.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
+            im = Image.fromarray((values.clip(0, top) * (255 / top)).round().astype(np.uint8), "L")
+        elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGBA", rgba.size, "white")
+            im.alpha_composite(rgba)
         im = im.convert("RGB")
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
@@ -355,6 +379,10 @@ def load_folder(folder, size, alt_file=None, verbose=True):
         meta.append({"file": name})
     if skipped and verbose:
         print(f"skipped {skipped} unreadable file(s) of {len(paths)}")
+    missing = sum(not text for text in alt)
+    if missing and verbose:
+        print(f"{missing} of {len(alt)} image(s) have no alt text (no --alt-file entry, no sidecar .txt): "
+              f"their alt caption is empty")
     if not images:
         sys.exit(f"{STAGE}: error: no readable jpg/png/webp image under {folder}")
     captions = {"alt": alt, "long": list(alt), "short": list(alt), "meta": meta, "source": "folder"}
@@ -747,6 +775,10 @@ def main():
     if min(args.caption_size, args.caption_batch_size, args.max_new_tokens) < 1:
         sys.exit(f"{STAGE}: error: --caption-size, --caption-batch-size and --max-new-tokens must be >= 1")
     captioning = args.source == "folder" and args.captioner != "none"
+    if captioning and args.captioner.startswith(("/", "./", "../", "~")) and not os.path.isdir(
+            os.path.expanduser(args.captioner)):
+        sys.exit(f"{STAGE}: error: --captioner {args.captioner}: no such folder (a local model folder, or a hub id "
+                 f"such as {DEFAULT_CAPTIONER})")
     device = resolve_device(args.device, STAGE) if captioning else None
     prepare_out(args.out, STAGE)
 

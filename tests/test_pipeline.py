@@ -81,12 +81,53 @@ def test_folder_source(tmp_path):
                  "--alt-file", tmp_path / "alt.json",
                  "--out", out)
     assert "skipped 1 unreadable" in result.stdout
+    result = run("01_caption.py", "--source", "folder", "--images", folder, "--captioner", "none", "--out", out)
+    assert "1 of 2 image(s) have no alt text" in result.stdout  # a.png's text was in alt.json only
+    result = run("01_caption.py", "--source", "folder", "--images", folder, "--captioner", "none",
+                 "--alt-file", tmp_path / "alt.json", "--out", out)
     images = np.load(out / "images.npy")
     captions = torch.load(out / "captions.pt", weights_only=True)
     assert images.shape == (2, 32, 32, 3) and captions["source"] == "folder"
     assert captions["alt"] == ["red square", "a blue photo"] and captions["long"] == captions["alt"]
     assert [m["file"] for m in captions["meta"]] == ["a.png", os.path.join("sub", "b.jpg")]
     assert tuple(images[0, 16, 16]) == (255, 0, 0)
+
+
+def test_folder_images_of_every_mode_come_out_8_bit(tmp_path):
+    """A 16-bit PNG is scaled to 8 bits, not clipped to white; transparency is laid over white."""
+    from PIL import Image
+    world = stage("01_caption")
+    grey16 = np.full((8, 8), 32768, np.uint16)  # half of 16-bit white
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    assert np.asarray(Image.open(tmp_path / "grey16.png")).dtype == np.uint16  # really 16 bits on disk
+    assert np.abs(np.asarray(world.read_square(tmp_path / "grey16.png", 4)).astype(int) - 128).max() <= 1
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert np.asarray(world.read_square(tmp_path / "clear.png", 4)).min() == 255
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("missing.json", None, ["no such file"]),
+    ("latin1.tsv", "caf\xe9.png\tcaf\xe9".encode("latin-1"), ["not UTF-8"]),
+    ("bad.json", b'{"a.png": ', ["not valid JSON"]),
+    ("list.json", b'["a.png"]', ["JSON list", "not an object"]),
+])
+def test_every_alt_file_problem_is_one_line(tmp_path, name, content, words):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    fails_cleanly("01_caption.py", "--out", tmp_path / "out", "--source", "folder", "--images", folder,
+                  "--captioner", "none", "--alt-file", tmp_path / name, expect=["--alt-file", *words])
+    assert not (tmp_path / "out" / "images.npy").exists()
+
+
+def test_a_missing_local_captioner_is_named_as_a_path(tmp_path):
+    (tmp_path / "photos").mkdir()
+    fails_cleanly("01_caption.py", "--out", tmp_path / "out", "--source", "folder", "--images", tmp_path / "photos",
+                  "--captioner", tmp_path / "no-such-model", "--device", "cpu",
+                  expect=["--captioner", "no-such-model", "no such folder"])
 
 
 # ----------------------------------------------------------------------------- bad input
