@@ -231,10 +231,17 @@ REWARDS = {"alignment": alignment, "sharpness": sharpness, "low_noise": low_nois
 
 
 # ----------------------------------------------------------------------------- scoring a dataset
-def score(reward, images, captions, batch_size, desc=None, progress=True):
-    """Run one reward over all images in batches: float32 [N], NaN where it failed.
-    A batch that raises is retried image by image, so one bad image costs only itself."""
+def score(reward, images, captions, batch_size, desc=None, progress=True, errors=None):
+    """Run one reward over all images in batches: float32 [N], NaN where it failed (raised, or
+    gave an infinite value). A batch that raises is retried image by image, so one bad image
+    costs only itself. errors, a list, collects each distinct error's first message."""
     out = torch.full((len(images),), float("nan"))
+    errors = [] if errors is None else errors
+
+    def note(e):
+        message = f"{type(e).__name__}: {e}"
+        if message not in errors:
+            errors.append(message)
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
         batch, text = np.asarray(images[start:start + batch_size]), captions[start:start + batch_size]
         try:
@@ -243,8 +250,10 @@ def score(reward, images, captions, batch_size, desc=None, progress=True):
             for i in range(len(batch)):
                 try:
                     out[start + i] = reward(batch[i:i + 1], text[i:i + 1])[0]
-                except Exception:
-                    pass
+                except Exception as e:
+                    note(e)
+    if torch.isinf(out).any():
+        errors.append(f"{int(torch.isinf(out).sum())} infinite value(s)")
     out[~torch.isfinite(out)] = float("nan")
     return out
 
@@ -292,8 +301,15 @@ def main():
             loader, source = MODEL_REWARDS[name][0], sources[name]
             reward = load_reward_model(name, source, lambda: loader(source, device))
             batch_size = args.batch_size or 32
-        columns.append(score(reward, my_images, my_captions, batch_size, desc=name, progress=rank == 0))
+        errors = []
+        columns.append(score(reward, my_images, my_captions, batch_size, desc=name, progress=rank == 0, errors=errors))
         del reward
+        if len(my_images) and columns[-1].isnan().all():
+            why = errors[0] if errors else "NaN for each"
+            sys.exit(f"{STAGE}: error: reward {name} has no score on any image ({why}): nothing was written; "
+                     f"check the images and captions (01_caption.py) or leave {name} out of --rewards")
+        if errors and rank == 0:
+            print(f"{name}: {int(columns[-1].isnan().sum())} image(s) without a score: {'; '.join(errors[:3])}")
     parts = world.merge_parts(torch.stack(columns, 1), os.path.join(args.out, "scores.pt"), rank, world_size)
     if rank:
         return

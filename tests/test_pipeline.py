@@ -201,6 +201,21 @@ def test_a_set_of_files_is_written_whole_or_not_at_all(work, tmp_path, monkeypat
     assert not (work / "runs").exists()
 
 
+def test_a_reward_that_fails_everywhere_names_its_cause(tmp_path):
+    """Captions that are not strings: the alignment reward raises on every image. 02 says so, with
+    the error, and writes nothing (it does not hand 03 a column of NaN)."""
+    run("01_caption.py", "--out", tmp_path, "--n", 40)
+    captions = torch.load(tmp_path / "captions.pt", weights_only=True)
+    captions["short"] = list(range(len(captions["short"])))
+    torch.save(captions, tmp_path / "captions.pt")
+    result = run("02_score.py", "--out", tmp_path, "--rewards", "alignment,sharpness", check=False)
+    last = result.stderr.strip().splitlines()[-1]  # after the progress bars
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    for words in ("reward alignment has no score on any image", "AttributeError", "01_caption.py"):
+        assert words in last, last
+    assert not (tmp_path / "scores.pt").exists()
+
+
 def test_unknown_reward_and_bad_flags(work):
     fails_cleanly("02_score.py", "--out", work, "--rewards", "alignment,beauty", expect=["beauty", "known"],
                   untouched=[work / "scores.pt"])
