@@ -710,9 +710,11 @@ def resolve_device(spec, stage):
 
 # ----------------------------------------------------------------------------- several GPUs
 # Under torchrun, 01 (captioning) and 02 (scoring) split the images: each rank does a
-# contiguous share and writes a part file, and rank 0 merges the parts in rank order.
+# contiguous share and writes a part file, and rank 0 merges the parts in rank order; 05
+# splits each batch (DDP). All three join the process group here.
 def distributed(device="auto"):
-    """(rank, world size), after joining torchrun's process group; (0, 1) without torchrun."""
+    """(rank, world size), after joining torchrun's process group (NCCL on GPUs, gloo on CPUs);
+    (0, 1) without torchrun."""
     if "RANK" not in os.environ:
         return 0, 1
     import torch.distributed as dist

@@ -78,7 +78,7 @@ PRESETS = {
 VOCAB_SIZE = 49408  # open_clip's CLIP BPE vocabulary; 0 pads, 49406 starts, 49407 ends a caption
 PAD_ID = 0          # the padding id of every tokenizer here (CLIP BPE, open_clip's, T5's)
 T_MIN = 0.05        # x-prediction divides by t: below this the velocity's scale stops growing
-SCRIPT = os.path.basename(sys.argv[0])  # the stage running this code, for its error lines
+STAGE = os.path.basename(sys.argv[0])  # 04_model.py run as a script, or the stage (05, 06, 07) using it: its error lines
 
 
 # ----------------------------------------------------------------------------- layers
@@ -462,14 +462,14 @@ class FrozenOpenCLIP:
         finally:
             logging.disable(logging.NOTSET)
         if getattr(model, "attn_mask", None) is None:  # a HF or bidirectional text tower
-            sys.exit(f"{SCRIPT}: error: openclip:{name}: only CLIP models with open_clip's own causal text "
+            sys.exit(f"{STAGE}: error: openclip:{name}: only CLIP models with open_clip's own causal text "
                      "transformer are supported (e.g. ViT-L-14, ViT-H-14, ViT-bigG-14)")
         del model.visual  # text only (ViT-H-14's image tower is 632M parameters)
         self.model, self.tokenizer, self.width = model, open_clip.get_tokenizer(name), model.transformer.width
 
     def tokenize(self, texts, length):
         if length > self.model.context_length:
-            sys.exit(f"{SCRIPT}: error: text_len {length} is longer than CLIP's {self.model.context_length} positions")
+            sys.exit(f"{STAGE}: error: text_len {length} is longer than CLIP's {self.model.context_length} positions")
         return self.tokenizer(list(texts), context_length=length)  # start, BPE ids, end, then zeros
 
     def __call__(self, ids):
@@ -516,7 +516,7 @@ def frozen_text_encoder(spec):
         elif kind == "openclip" and source:
             encoder = FrozenOpenCLIP(name, pretrained)
         else:
-            sys.exit(f"{SCRIPT}: error: unknown text encoder {spec!r}: own, openclip:ARCH[:PRETRAINED_OR_PATH] "
+            sys.exit(f"{STAGE}: error: unknown text encoder {spec!r}: own, openclip:ARCH[:PRETRAINED_OR_PATH] "
                      "(e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl)")
     except (OSError, ValueError, RuntimeError) as e:
         if "state_dict" in str(e):
@@ -524,7 +524,7 @@ def frozen_text_encoder(spec):
         local = "t5:/path/to/folder" if kind == "t5" else (f"openclip:{'ARCH' if ':' in name else name}:/path/to/"
                                                          "open_clip_pytorch_model.bin (or openclip:local-dir:FOLDER)")
         reason = " ".join(str(e).split()).split(". ")[0][:160]  # its first sentence, on one line
-        sys.exit(f"{SCRIPT}: error: cannot load text encoder {spec!r} ({type(e).__name__}: {reason}): "
+        sys.exit(f"{STAGE}: error: cannot load text encoder {spec!r} ({type(e).__name__}: {reason}): "
                  f"download it where the hub is reachable, or pass a local path: --text-encoder {local}")
     encoder.model.eval().requires_grad_(False)  # frozen: no dropout, no gradients, never in an optimizer
     return encoder

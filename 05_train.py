@@ -333,9 +333,7 @@ def release_lock(path):
 
 def train(args):
     ddp = "RANK" in os.environ  # launched by torchrun
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    rank, world_size = world.distributed(args.device)  # joins torchrun's process group (as 01 and 02 do)
     device = world.resolve_device(args.device, STAGE)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -123,13 +123,6 @@ def test_every_alt_file_problem_is_one_line(tmp_path, name, content, words):
     assert not (tmp_path / "out" / "images.npy").exists()
 
 
-def test_a_missing_local_captioner_is_named_as_a_path(tmp_path):
-    (tmp_path / "photos").mkdir()
-    fails_cleanly("01_caption.py", "--out", tmp_path / "out", "--source", "folder", "--images", tmp_path / "photos",
-                  "--captioner", tmp_path / "no-such-model", "--device", "cpu",
-                  expect=["--captioner", "no-such-model", "no such folder"])
-
-
 # ----------------------------------------------------------------------------- bad input
 @pytest.fixture
 def work(small_dataset, tmp_path):
