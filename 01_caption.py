@@ -311,184 +311,9 @@ def world_of(captions):
     return captions.get("world", "full")
 
 
-# ----------------------------------------------------------------------------- a folder of images
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-
-
-def read_alt_file(path):
-    """Alt text per image: a JSON object {file name: text} or lines 'file name<TAB>text'. A file
-    that is missing, not UTF-8 or not one of these stops with one line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        sys.exit(f"{STAGE}: error: --alt-file {path}: no such file")
-    except UnicodeDecodeError:
-        sys.exit(f"{STAGE}: error: --alt-file {path} is not UTF-8 text")
-    except OSError as e:
-        sys.exit(f"{STAGE}: error: --alt-file {path}: {e.strerror or e}")
-    if not path.endswith(".json"):
-        return dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
-    try:
-        table = json.loads(text)
-    except json.JSONDecodeError as e:
-        sys.exit(f"{STAGE}: error: --alt-file {path} is not valid JSON ({e.msg} at line {e.lineno})")
-    if not isinstance(table, dict):
-        sys.exit(f"{STAGE}: error: --alt-file {path} holds a JSON {type(table).__name__}, not an object "
-                 f"{{file name: alt text}}")
-    return {str(k): str(v) for k, v in table.items()}
-
-
-def read_square(path, size):
-    """The centred square crop of an image file, resized to size: a PIL RGB image. 16-bit and
-    float images are scaled to 8 bits (not clipped), transparency is laid over white."""
-    with Image.open(path) as im:
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            values = np.asarray(im, np.float64)
-            top = 1.0 if im.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
-            im = Image.fromarray((values.clip(0, top) * (255 / top)).round().astype(np.uint8), "L")
-        elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            im = Image.new("RGBA", rgba.size, "white")
-            im.alpha_composite(rgba)
-        im = im.convert("RGB")
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        return im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-
-
-def load_folder(folder, size, alt_file=None, verbose=True):
-    """Images under folder (recursive), centre-cropped and resized, with their alt text."""
-    root = Path(folder)
-    if not root.is_dir():
-        sys.exit(f"{STAGE}: error: --images {folder} is not a folder")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    alt_of = read_alt_file(alt_file) if alt_file else {}
-    images, alt, meta, skipped = [], [], [], 0
-    for path in tqdm(paths, desc="reading images", unit="img", disable=not verbose):
-        try:
-            images.append(np.asarray(read_square(path, size), np.uint8))
-        except Exception:
-            skipped += 1
-            continue
-        name = str(path.relative_to(root))
-        sidecar = path.with_suffix(".txt")
-        text = alt_of.get(name, alt_of.get(path.name))
-        if text is None and sidecar.exists():
-            text = sidecar.read_text(encoding="utf-8", errors="replace")
-        alt.append(" ".join((text or "").split()))
-        meta.append({"file": name})
-    if skipped and verbose:
-        print(f"skipped {skipped} unreadable file(s) of {len(paths)}")
-    missing = sum(not text for text in alt)
-    if missing and verbose:
-        print(f"{missing} of {len(alt)} image(s) have no alt text (no --alt-file entry, no sidecar .txt): "
-              f"their alt caption is empty")
-    if not images:
-        sys.exit(f"{STAGE}: error: no readable jpg/png/webp image under {folder}")
-    captions = {"alt": alt, "long": list(alt), "short": list(alt), "meta": meta, "source": "folder"}
-    return np.stack(images), captions
-
-
-# ----------------------------------------------------------------------------- captions from a vision-language model
-# The paper recaptions its web images with Gemma 3 12B, asking each image for a long,
-# detailed caption and a short one, answered between <CAPTION> tags (appendix D). The
-# exact wording of its two prompts is not in the public code (nicolas-dufour/miro reads
-# finished captions from a TSV: file, short, long), so the prompts below are ours, written
-# to that description.
-# Default: Qwen2.5-VL-3B (3.75B parameters, 7.5 GB of bf16 weights), a strong small captioner
-# that t2v_metrics also lists as a VQAScore model. The paper's google/gemma-3-12b-it (12.2B,
-# 24.4 GB) runs through the same code: --captioner google/gemma-3-12b-it.
-DEFAULT_CAPTIONER = "Qwen/Qwen2.5-VL-3B-Instruct"
-LONG_PROMPT = ("Describe this image in detail, as a caption for training a text-to-image model. Mention the "
-               "main subjects and their attributes (colours, shapes, materials, counts), where they are and "
-               "how they relate to each other, the background, the lighting, the style or medium, and any "
-               "visible text. Write plain prose, without lists or a preamble. Put the caption between "
-               "<CAPTION> and </CAPTION>.")
-SHORT_PROMPT = ("Write a short caption for this image: one sentence of at most 25 words that names the main "
-                "subjects, their key attributes and what they are doing. Put the caption between <CAPTION> "
-                "and </CAPTION>.")
-
-
-def load_vlm(source, device):
-    """An image-text-to-text model and its processor from a hub id or a local folder, in
-    eval mode on device: bf16 on CUDA, fp32 on CPU. The processor pads on the left, so that
-    in a batch every prompt ends at the last position and generation continues from there.
-    Raises OSError if the weights cannot be found; RuntimeError (naming the state_dict) if the
-    checkpoint lacks weights of the architecture, which would otherwise stay random."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor  # only when a VLM is used
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    processor = AutoProcessor.from_pretrained(source)
-    processor.tokenizer.padding_side = "left"
-    model, info = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, output_loading_info=True)
-    if info["missing_keys"]:
-        raise RuntimeError(f"{source}: state_dict lacks {sorted(info['missing_keys'])[:5]} "
-                           f"({len(info['missing_keys'])} keys missing)")
-    return model.to(device).eval(), processor
-
-
-def vlm_inputs(processor, images, prompts, device, dtype):
-    """One user turn per image (the image, then its prompt) through the model's own chat
-    template, tokenized and batched with left padding: input_ids (B, L), attention_mask (B, L)
-    and the model's pixel tensors (cast to dtype), on device."""
-    turns = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-             for image, prompt in zip(images, prompts)]
-    inputs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt", processor_kwargs={"padding": True})
-    return inputs.to(device, dtype=dtype)  # dtype applies to the floating tensors only (pixels)
-
-
-@torch.no_grad()
-def vlm_answers(model, processor, images, prompt, max_new_tokens):
-    """Greedy answers of the model to one prompt about each image: list of B strings."""
-    inputs = vlm_inputs(processor, images, [prompt] * len(images), model.device, model.dtype)
-    tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=processor.tokenizer.pad_token_id)  # (B, L + new)
-    return processor.batch_decode(tokens[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-OPEN_TAG, CLOSE_TAG = re.compile(r"<\s*caption\s*>", re.I), re.compile(r"<\s*/\s*caption\s*>", re.I)
-
-
-def caption_from_answer(answer):
-    """The caption between <CAPTION> and </CAPTION> in a model's answer, whitespace collapsed;
-    None if there is none. Of several tagged captions the first non-empty one wins; a last
-    tag left open (the answer ran out of tokens) still counts, and so does the text before a
-    closing tag whose opening tag is missing. An answer with no tag at all is not trusted to
-    be a caption (it is usually a preamble or a refusal)."""
-    opened = OPEN_TAG.split(answer)
-    if len(opened) > 1:  # the text after each opening tag
-        candidates = opened[1:]
-    elif CLOSE_TAG.search(answer):  # only a closing tag: the text before it
-        candidates = CLOSE_TAG.split(answer)[:1]
-    else:
-        candidates = []
-    for candidate in candidates:
-        text = " ".join(CLOSE_TAG.split(candidate)[0].split())
-        if text:
-            return text
-    return None
-
-
-def caption_folder(model, processor, root, captions, size, batch_size, max_new_tokens, rank=0, world_size=1):
-    """Long and short captions of this rank's contiguous share of the images, read again from
-    their files as the same centred square at size px (the stored images may be as small as
-    32 px). Returns (long, short, fallbacks) for the share; an answer with no caption keeps
-    the alt text and counts in fallbacks {"long": n, "short": n}."""
-    mine = shard(len(captions["alt"]), rank, world_size)
-    long, short, fallbacks = [], [], {"long": 0, "short": 0}
-    bar = tqdm(total=len(mine), desc="captioning", unit="img", disable=rank != 0)
-    for start in range(mine.start, mine.stop, batch_size):
-        batch = range(start, min(start + batch_size, mine.stop))
-        images = [read_square(Path(root) / captions["meta"][i]["file"], size) for i in batch]
-        for kind, prompt, out in (("long", LONG_PROMPT, long), ("short", SHORT_PROMPT, short)):
-            for i, answer in zip(batch, vlm_answers(model, processor, images, prompt, max_new_tokens)):
-                caption = caption_from_answer(answer)
-                fallbacks[kind] += caption is None
-                out.append(captions["alt"][i] if caption is None else caption)
-        bar.update(len(batch))
-    bar.close()
-    return long, short, fallbacks
-
+# ============================================================================= the file contract every stage uses
+# 02-07 import this stage for these helpers (world = importlib.import_module("01_caption")): flag
+# types, checked loading and atomic saving of the stage files, devices, several GPUs.
 
 # ----------------------------------------------------------------------------- command lines
 # Every stage parses its flags with Parser and these types, so that a bad value stops the stage
@@ -750,6 +575,190 @@ def merge_parts(part, path, rank, world_size):
         for p in paths:
             os.remove(p)
     return parts
+
+
+# ============================================================================= real images
+# Everything above makes the shapes world and the files every stage shares. What follows is the
+# path for a folder of real images (--source folder): reading them, and a vision-language model
+# that writes their long and short captions.
+
+# ----------------------------------------------------------------------------- a folder of images
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def read_alt_file(path):
+    """Alt text per image: a JSON object {file name: text} or lines 'file name<TAB>text'. A file
+    that is missing, not UTF-8 or not one of these stops with one line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        sys.exit(f"{STAGE}: error: --alt-file {path}: no such file")
+    except UnicodeDecodeError:
+        sys.exit(f"{STAGE}: error: --alt-file {path} is not UTF-8 text")
+    except OSError as e:
+        sys.exit(f"{STAGE}: error: --alt-file {path}: {e.strerror or e}")
+    if not path.endswith(".json"):
+        return dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as e:
+        sys.exit(f"{STAGE}: error: --alt-file {path} is not valid JSON ({e.msg} at line {e.lineno})")
+    if not isinstance(table, dict):
+        sys.exit(f"{STAGE}: error: --alt-file {path} holds a JSON {type(table).__name__}, not an object "
+                 f"{{file name: alt text}}")
+    return {str(k): str(v) for k, v in table.items()}
+
+
+def read_square(path, size):
+    """The centred square crop of an image file, resized to size: a PIL RGB image. 16-bit and
+    float images are scaled to 8 bits (not clipped), transparency is laid over white."""
+    with Image.open(path) as im:
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            values = np.asarray(im, np.float64)
+            top = 1.0 if im.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
+            im = Image.fromarray((values.clip(0, top) * (255 / top)).round().astype(np.uint8), "L")
+        elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGBA", rgba.size, "white")
+            im.alpha_composite(rgba)
+        im = im.convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        return im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+
+
+def load_folder(folder, size, alt_file=None, verbose=True):
+    """Images under folder (recursive), centre-cropped and resized, with their alt text."""
+    root = Path(folder)
+    if not root.is_dir():
+        sys.exit(f"{STAGE}: error: --images {folder} is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    alt_of = read_alt_file(alt_file) if alt_file else {}
+    images, alt, meta, skipped = [], [], [], 0
+    for path in tqdm(paths, desc="reading images", unit="img", disable=not verbose):
+        try:
+            images.append(np.asarray(read_square(path, size), np.uint8))
+        except Exception:
+            skipped += 1
+            continue
+        name = str(path.relative_to(root))
+        sidecar = path.with_suffix(".txt")
+        text = alt_of.get(name, alt_of.get(path.name))
+        if text is None and sidecar.exists():
+            text = sidecar.read_text(encoding="utf-8", errors="replace")
+        alt.append(" ".join((text or "").split()))
+        meta.append({"file": name})
+    if skipped and verbose:
+        print(f"skipped {skipped} unreadable file(s) of {len(paths)}")
+    missing = sum(not text for text in alt)
+    if missing and verbose:
+        print(f"{missing} of {len(alt)} image(s) have no alt text (no --alt-file entry, no sidecar .txt): "
+              f"their alt caption is empty")
+    if not images:
+        sys.exit(f"{STAGE}: error: no readable jpg/png/webp image under {folder}")
+    captions = {"alt": alt, "long": list(alt), "short": list(alt), "meta": meta, "source": "folder"}
+    return np.stack(images), captions
+
+
+# ----------------------------------------------------------------------------- captions from a vision-language model
+# The paper recaptions its web images with Gemma 3 12B, asking each image for a long,
+# detailed caption and a short one, answered between <CAPTION> tags (appendix D). The
+# exact wording of its two prompts is not in the public code (nicolas-dufour/miro reads
+# finished captions from a TSV: file, short, long), so the prompts below are ours, written
+# to that description.
+# Default: Qwen2.5-VL-3B (3.75B parameters, 7.5 GB of bf16 weights), a strong small captioner
+# that t2v_metrics also lists as a VQAScore model. The paper's google/gemma-3-12b-it (12.2B,
+# 24.4 GB) runs through the same code: --captioner google/gemma-3-12b-it.
+DEFAULT_CAPTIONER = "Qwen/Qwen2.5-VL-3B-Instruct"
+LONG_PROMPT = ("Describe this image in detail, as a caption for training a text-to-image model. Mention the "
+               "main subjects and their attributes (colours, shapes, materials, counts), where they are and "
+               "how they relate to each other, the background, the lighting, the style or medium, and any "
+               "visible text. Write plain prose, without lists or a preamble. Put the caption between "
+               "<CAPTION> and </CAPTION>.")
+SHORT_PROMPT = ("Write a short caption for this image: one sentence of at most 25 words that names the main "
+                "subjects, their key attributes and what they are doing. Put the caption between <CAPTION> "
+                "and </CAPTION>.")
+
+
+def load_vlm(source, device):
+    """An image-text-to-text model and its processor from a hub id or a local folder, in
+    eval mode on device: bf16 on CUDA, fp32 on CPU. The processor pads on the left, so that
+    in a batch every prompt ends at the last position and generation continues from there.
+    Raises OSError if the weights cannot be found; RuntimeError (naming the state_dict) if the
+    checkpoint lacks weights of the architecture, which would otherwise stay random."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor  # only when a VLM is used
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(source)
+    processor.tokenizer.padding_side = "left"
+    model, info = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    if info["missing_keys"]:
+        raise RuntimeError(f"{source}: state_dict lacks {sorted(info['missing_keys'])[:5]} "
+                           f"({len(info['missing_keys'])} keys missing)")
+    return model.to(device).eval(), processor
+
+
+def vlm_inputs(processor, images, prompts, device, dtype):
+    """One user turn per image (the image, then its prompt) through the model's own chat
+    template, tokenized and batched with left padding: input_ids (B, L), attention_mask (B, L)
+    and the model's pixel tensors (cast to dtype), on device."""
+    turns = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+             for image, prompt in zip(images, prompts)]
+    inputs = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", processor_kwargs={"padding": True})
+    return inputs.to(device, dtype=dtype)  # dtype applies to the floating tensors only (pixels)
+
+
+@torch.no_grad()
+def vlm_answers(model, processor, images, prompt, max_new_tokens):
+    """Greedy answers of the model to one prompt about each image: list of B strings."""
+    inputs = vlm_inputs(processor, images, [prompt] * len(images), model.device, model.dtype)
+    tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=processor.tokenizer.pad_token_id)  # (B, L + new)
+    return processor.batch_decode(tokens[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+OPEN_TAG, CLOSE_TAG = re.compile(r"<\s*caption\s*>", re.I), re.compile(r"<\s*/\s*caption\s*>", re.I)
+
+
+def caption_from_answer(answer):
+    """The caption between <CAPTION> and </CAPTION> in a model's answer, whitespace collapsed;
+    None if there is none. Of several tagged captions the first non-empty one wins; a last
+    tag left open (the answer ran out of tokens) still counts, and so does the text before a
+    closing tag whose opening tag is missing. An answer with no tag at all is not trusted to
+    be a caption (it is usually a preamble or a refusal)."""
+    opened = OPEN_TAG.split(answer)
+    if len(opened) > 1:  # the text after each opening tag
+        candidates = opened[1:]
+    elif CLOSE_TAG.search(answer):  # only a closing tag: the text before it
+        candidates = CLOSE_TAG.split(answer)[:1]
+    else:
+        candidates = []
+    for candidate in candidates:
+        text = " ".join(CLOSE_TAG.split(candidate)[0].split())
+        if text:
+            return text
+    return None
+
+
+def caption_folder(model, processor, root, captions, size, batch_size, max_new_tokens, rank=0, world_size=1):
+    """Long and short captions of this rank's contiguous share of the images, read again from
+    their files as the same centred square at size px (the stored images may be as small as
+    32 px). Returns (long, short, fallbacks) for the share; an answer with no caption keeps
+    the alt text and counts in fallbacks {"long": n, "short": n}."""
+    mine = shard(len(captions["alt"]), rank, world_size)
+    long, short, fallbacks = [], [], {"long": 0, "short": 0}
+    bar = tqdm(total=len(mine), desc="captioning", unit="img", disable=rank != 0)
+    for start in range(mine.start, mine.stop, batch_size):
+        batch = range(start, min(start + batch_size, mine.stop))
+        images = [read_square(Path(root) / captions["meta"][i]["file"], size) for i in batch]
+        for kind, prompt, out in (("long", LONG_PROMPT, long), ("short", SHORT_PROMPT, short)):
+            for i, answer in zip(batch, vlm_answers(model, processor, images, prompt, max_new_tokens)):
+                caption = caption_from_answer(answer)
+                fallbacks[kind] += caption is None
+                out.append(captions["alt"][i] if caption is None else caption)
+        bar.update(len(batch))
+    bar.close()
+    return long, short, fallbacks
 
 
 def main():

@@ -266,7 +266,7 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False):
+                 patch_mlp=False, patch_attend=False, pixel_head=0):
         super().__init__()
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
@@ -292,6 +292,13 @@ class TextRIN(nn.Module):
         self.patch_norm = RMSNorm(data_dim)
         self.out_norm = RMSNorm(data_dim)
         self.patch_out = mlp(data_dim, 4 * data_dim, patch_values) if patch_mlp else nn.Linear(data_dim, patch_values)
+        # pixel_head = C > 0: three 3x3 convolutions of C channels over [the patches' image, x_t, t] add a
+        # correction to it (the last one zero-initialised: a no-op at the start). A patch token draws its
+        # whole cell through one layer; the convolutions see each pixel's neighbours, across patch seams,
+        # and x_t itself: sharp corners and edges, where the patch decoder blurs them.
+        self.pixel_head = nn.Sequential(
+            nn.Conv2d(7, pixel_head, 3, padding=1), nn.SiLU(), nn.Conv2d(pixel_head, pixel_head, 3, padding=1),
+            nn.SiLU(), nn.Conv2d(pixel_head, 3, 3, padding=1)) if pixel_head else None
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
         self.prev_norm, self.prev_proj = RMSNorm(latent_dim), nn.Linear(latent_dim, latent_dim)
@@ -317,6 +324,9 @@ class TextRIN(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.zeros_(self.prev_proj.weight)
+        if pixel_head:
+            nn.init.zeros_(self.pixel_head[-1].weight)
+            nn.init.zeros_(self.pixel_head[-1].bias)
         if zero_init:  # every residual branch starts as the identity (its last layer at zero)
             for module in self.modules():
                 if isinstance(module, Block):
@@ -363,6 +373,9 @@ class TextRIN(nn.Module):
             patches, latents = block(patches, latents, cond, cond_mask)
         out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)
         out = out.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
+        if self.pixel_head is not None:
+            t_map = t.to(out.dtype).view(B, 1, 1, 1).expand(B, 1, H, W)
+            out = out + self.pixel_head(torch.cat([out, x_t.to(out.dtype), t_map], 1))
         if self.prediction == "x":  # out is the clean image
             return velocity_from_image(x_t, out, t), latents
         c_skip, c_out = skip_scales(t, self.sigma_data)
