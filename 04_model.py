@@ -292,12 +292,12 @@ class TextRIN(nn.Module):
         self.patch_norm = RMSNorm(data_dim)
         self.out_norm = RMSNorm(data_dim)
         self.patch_out = mlp(data_dim, 4 * data_dim, patch_values) if patch_mlp else nn.Linear(data_dim, patch_values)
-        # pixel_head = C > 0: three 3x3 convolutions of C channels over [the patches' image, x_t, t] add a
+        # pixel_head = C > 0: three 3x3 convolutions of C channels over [the patches' image, t] add a
         # correction to it (the last one zero-initialised: a no-op at the start). A patch token draws its
-        # whole cell through one layer; the convolutions see each pixel's neighbours, across patch seams,
-        # and x_t itself: sharp corners and edges, where the patch decoder blurs them.
+        # whole cell through one layer; the convolutions see each pixel's neighbours, across patch seams:
+        # sharp corners and edges, where the patch decoder blurs them.
         self.pixel_head = nn.Sequential(
-            nn.Conv2d(7, pixel_head, 3, padding=1), nn.SiLU(), nn.Conv2d(pixel_head, pixel_head, 3, padding=1),
+            nn.Conv2d(4, pixel_head, 3, padding=1), nn.SiLU(), nn.Conv2d(pixel_head, pixel_head, 3, padding=1),
             nn.SiLU(), nn.Conv2d(pixel_head, 3, 3, padding=1)) if pixel_head else None
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
@@ -375,7 +375,7 @@ class TextRIN(nn.Module):
         out = out.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
         if self.pixel_head is not None:
             t_map = t.to(out.dtype).view(B, 1, 1, 1).expand(B, 1, H, W)
-            out = out + self.pixel_head(torch.cat([out, x_t.to(out.dtype), t_map], 1))
+            out = out + self.pixel_head(torch.cat([out, t_map], 1))
         if self.prediction == "x":  # out is the clean image
             return velocity_from_image(x_t, out, t), latents
         c_skip, c_out = skip_scales(t, self.sigma_data)
@@ -398,6 +398,19 @@ def build(preset, num_rewards, **overrides):
     """A TextRIN from a preset name; returns (model, model_args) with model_args enough to rebuild it."""
     model_args = dict(PRESETS[preset], num_rewards=num_rewards, **overrides)
     return TextRIN(**model_args), model_args
+
+
+def rebuild(model_args, weights, path, stage):
+    """The TextRIN a checkpoint describes (model_args), with weights loaded; one line naming the
+    file if it does not hold a network of this code (mistyped settings, missing or extra weights)."""
+    try:
+        model = TextRIN(**model_args)
+        model.load_state_dict(weights)
+    except (TypeError, ValueError, RuntimeError, AttributeError, KeyError) as e:
+        reason = " ".join(str(e).split())[:160]
+        sys.exit(f"{stage}: error: {path} does not hold a network this code can rebuild ({type(e).__name__}: "
+                 f"{reason}): re-run 05_train.py")
+    return model
 
 
 def dummy_inputs(model_args, batch, device="cpu"):

@@ -382,14 +382,20 @@ def train(args):
             os.remove(stale)
 
     torch.manual_seed(args.seed)
-    raw_model = net.TextRIN(**model_args).to(device)
-    ema = copy.deepcopy(raw_model).requires_grad_(False)
+    if checkpoint:  # the network the checkpoint describes, or one line if it holds none of this code
+        raw_model = net.rebuild(model_args, checkpoint["model"], ckpt_path, STAGE).to(device)
+        ema = net.rebuild(model_args, checkpoint["ema"], ckpt_path, STAGE).to(device).requires_grad_(False)
+    else:
+        raw_model = net.TextRIN(**model_args).to(device)
+        ema = copy.deepcopy(raw_model).requires_grad_(False)
     optimizer = make_optimizer(raw_model, args, device)
     step = 0
     if checkpoint:
-        raw_model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            sys.exit(f"{STAGE}: error: {ckpt_path} holds an optimizer state of another network "
+                     f"({type(e).__name__}): train the run afresh with --overwrite")
         step = checkpoint["step"]
     autocast, scaler = amp_setup(args.amp, device)
     flops_per_image = train_flops_per_image(raw_model, model_args, args.self_cond)

@@ -59,8 +59,8 @@ def load_run(out, run, use_ema=True, device="cpu", stage=STAGE):
         if missing:
             sys.exit(f"{stage}: error: run {run} was trained on rewards {', '.join(missing)} that bins.pt does not "
                      f"have ({', '.join(names)}): re-run 05_train.py on this bins.pt")
-    model = net.TextRIN(**ckpt["model_args"]).to(device).eval().requires_grad_(False)
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    model = net.rebuild(ckpt["model_args"], ckpt["ema" if use_ema else "model"], path, stage)
+    model = model.to(device).eval().requires_grad_(False)
     return model, ckpt
 
 

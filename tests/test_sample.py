@@ -162,3 +162,22 @@ def test_bad_input_fails_in_one_line(trained, tmp_path):
     (other / "bins.pt").unlink()
     torch.save(bins, other / "bins.pt")
     fails_in_one_line("06_sample.py", "--out", other, "--steps", 1, "--n", 1, expect=["sharpness", "bins.pt", "05_train.py"])
+
+
+@pytest.mark.parametrize("change", ["mistyped setting", "unknown setting", "missing weights"])
+def test_a_checkpoint_of_no_network_of_this_code_is_one_line(trained, tmp_path, change):
+    """A checkpoint whose network settings or weights this code cannot rebuild stops 06 in one line."""
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken, copy_function=os.symlink)  # links: the checkpoints are large
+    path = broken / "runs" / "miro" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    if change == "mistyped setting":
+        ckpt["model_args"]["num_latents"] = "many"
+    elif change == "unknown setting":
+        ckpt["model_args"]["depth"] = 3
+    else:
+        ckpt["ema"].pop(next(iter(ckpt["ema"])))
+    path.unlink()
+    torch.save(ckpt, path)
+    fails_in_one_line("06_sample.py", "--out", broken, "--steps", 1, "--n", 1,
+                      expect=["ckpt.pt does not hold a network", "05_train.py"])
