@@ -83,7 +83,8 @@ def spearman(scores):
         for j in range(i + 1, R):
             ok = np.isfinite(scores[:, i]) & np.isfinite(scores[:, j])
             ranks = [average_ranks(scores[ok, c]) for c in (i, j)]
-            out[i, j] = out[j, i] = np.corrcoef(*ranks)[0, 1] if ok.sum() > 2 else np.nan
+            constant = ok.sum() <= 2 or min(np.ptp(r) for r in ranks) == 0  # no rank order: NaN, no warning
+            out[i, j] = out[j, i] = np.nan if constant else np.corrcoef(*ranks)[0, 1]
     return out
 
 

@@ -219,8 +219,11 @@ def update(optimizer, scaler):
 
 
 @torch.no_grad()
-def update_ema(ema, model, step, decay):
-    decay = min(decay, (1 + step) / (10 + step))  # short runs: the average forgets the random init
+def update_ema(ema, model, step, decay, warmup=10):
+    """ema <- decay ema + (1 - decay) model, with decay at most (1 + step) / (warmup + step): the
+    average spans about the last (step + warmup) / (warmup - 1) steps, so a short run forgets its
+    random start (the smaller warmup, the longer the average)."""
+    decay = min(decay, (1 + step) / (warmup + step))
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
@@ -438,7 +441,7 @@ def train(args):
             sys.exit(f"{STAGE}: error: non-finite loss ({loss_value}, grad norm {grad_norm}) at step {step + 1}: "
                      f"stopped; {kept}")
         update(optimizer, scaler)
-        update_ema(ema, raw_model, step, args.ema)
+        update_ema(ema, raw_model, step, args.ema, args.ema_warmup)
         step += 1
         window.append((loss_value, t.detach().cpu(), per_image.detach().float().cpu()))
 
@@ -595,6 +598,8 @@ def main():
     parser.add_argument("--weight-decay", type=world.non_negative, default=0.01, help="AdamW weight decay on matrices")
     parser.add_argument("--grad-clip", type=world.positive, default=1.0, help="max gradient norm")
     parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
+    parser.add_argument("--ema-warmup", type=world.number(int, 2), default=10,
+                        help="EMA decay at most (1 + step) / (W + step): a smaller W averages more of a short run")
     parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of latent self-conditioning")
     parser.add_argument("--net", default="", help="network settings that replace the preset's, e.g. "
                         "patch_cond=true,cell_codes=random (04_model.TextRIN's arguments)")
