@@ -79,14 +79,11 @@ SPECK_SIDE = (5.0, 6.5)
 #   one    one clean object per image: what to draw, from the words
 #   clean  1 to 4 objects, no degradation: composition (kinds, counts, places)
 #   full   1 to 4 objects and the degradations: what the rewards are for (the default)
-# on_grid: sizes and positions in whole pixels, so that a square's edges fall on pixel edges and each
-# object is one of a finite set of renders (continuous jitter otherwise)
-WORLDS = {"one": dict(max_objects=1, degraded=False, on_grid=False),
-          "clean": dict(max_objects=4, degraded=False, on_grid=False),
-          "full": dict(max_objects=4, degraded=True, on_grid=False)}
+WORLDS = {"one": dict(max_objects=1, degraded=False), "clean": dict(max_objects=4, degraded=False),
+          "full": dict(max_objects=4, degraded=True)}
 
 
-def sample_scene(rng, size, max_objects=4, on_grid=False):
+def sample_scene(rng, size, max_objects=4):
     """A random scene: 1 to max_objects objects in distinct cells of a 2x2 layout, with jitter and sizes."""
     n_objects = int(rng.integers(1, max_objects + 1))
     cells = rng.permutation(len(CELLS))[:n_objects]
@@ -97,22 +94,18 @@ def sample_scene(rng, size, max_objects=4, on_grid=False):
             colour, kind = earlier["colour"], earlier["kind"]
         else:
             colour, kind = str(rng.choice(list(COLOURS))), str(rng.choice(KINDS))
-        objects.append(place(kind, colour, CELLS[cell_index], size, rng, on_grid))
+        objects.append(place(kind, colour, CELLS[cell_index], size, rng))
     return {"objects": objects, "relation": sample_relation(rng, objects)}
 
 
-def place(kind, colour, cell, size, rng, on_grid=False):
-    """One object in a cell (row, col) of the 2x2 layout, 60-80% of the cell wide, jittered; on_grid:
-    its diameter and its box's corner rounded to whole pixels (the same draws, so the same scenes)."""
+def place(kind, colour, cell, size, rng):
+    """One object in a cell (row, col) of the 2x2 layout, 60-80% of the cell wide, jittered."""
     row, col = cell
     cell_px = size / 2
     diameter = float(rng.uniform(0.6, 0.8) * cell_px)
     slack = (cell_px - diameter) / 2 - size / 32  # keep a pixel of margin inside the cell
     cx = (col + 0.5) * cell_px + float(rng.uniform(-slack, slack))
     cy = (row + 0.5) * cell_px + float(rng.uniform(-slack, slack))
-    if on_grid:
-        half = round(diameter) / 2
-        cx, cy, diameter = round(cx - half) + half, round(cy - half) + half, 2 * half
     return {"kind": kind, "colour": colour, "row": row, "col": col, "cx": cx, "cy": cy, "diameter": diameter}
 
 
@@ -284,7 +277,7 @@ NO_DEGRADATION = {"blur": 0.0, "noise": 0.0, "washout": 0.0, "clutter": 0, "spec
 
 def make_shapes(n, size, seed, world="full", progress=True):
     """n scenes of a world (WORLDS): images (uint8 [n, size, size, 3]) and the caption dict."""
-    max_objects, degraded, on_grid = (WORLDS[world][k] for k in ("max_objects", "degraded", "on_grid"))
+    max_objects, degraded = WORLDS[world]["max_objects"], WORLDS[world]["degraded"]
     rng = np.random.default_rng(seed)
     brief_rng = np.random.default_rng([seed, 1])  # its own stream: the other captions and images stay as they were
     images = np.empty((n, size, size, 3), np.uint8)
@@ -293,7 +286,7 @@ def make_shapes(n, size, seed, world="full", progress=True):
     for start in tqdm(range(0, n, chunk), desc=f"shapes world ({world})", unit="chunk", leave=False,
                       disable=not progress):
         stop = min(n, start + chunk)
-        scenes = [sample_scene(rng, size, max_objects, on_grid) for _ in range(stop - start)]
+        scenes = [sample_scene(rng, size, max_objects) for _ in range(stop - start)]
         if degraded:
             degradations = [sample_degradations(rng, size) for _ in scenes]
         else:

@@ -266,7 +266,7 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, pixel_head=0, patch_hidden=4, patch_skip=False):
+                 patch_mlp=False, patch_attend=False, patch_hidden=4):
         super().__init__()
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
@@ -293,16 +293,6 @@ class TextRIN(nn.Module):
         self.patch_norm = RMSNorm(data_dim)
         self.out_norm = RMSNorm(data_dim)
         self.patch_out = mlp(data_dim, hidden, patch_values) if patch_mlp else nn.Linear(data_dim, patch_values)
-        # patch_skip (with patch_mlp): the output layer's hidden units also read the input layer's, through a
-        # zero-initialised map: where x_t is nearly clean, its sharp edges need not pass the data_dim token
-        self.patch_skip = nn.Linear(hidden, hidden, bias=False) if patch_skip and patch_mlp else None
-        # pixel_head = C > 0: three 3x3 convolutions of C channels over [the patches' image, t] add a
-        # correction to it (the last one zero-initialised: a no-op at the start). A patch token draws its
-        # whole cell through one layer; the convolutions see each pixel's neighbours, across patch seams:
-        # sharp corners and edges, where the patch decoder blurs them.
-        self.pixel_head = nn.Sequential(
-            nn.Conv2d(4, pixel_head, 3, padding=1), nn.SiLU(), nn.Conv2d(pixel_head, pixel_head, 3, padding=1),
-            nn.SiLU(), nn.Conv2d(pixel_head, 3, 3, padding=1)) if pixel_head else None
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
         self.prev_norm, self.prev_proj = RMSNorm(latent_dim), nn.Linear(latent_dim, latent_dim)
@@ -328,11 +318,6 @@ class TextRIN(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.zeros_(self.prev_proj.weight)
-        if self.patch_skip is not None:
-            nn.init.zeros_(self.patch_skip.weight)
-        if pixel_head:
-            nn.init.zeros_(self.pixel_head[-1].weight)
-            nn.init.zeros_(self.pixel_head[-1].bias)
         if zero_init:  # every residual branch starts as the identity (its last layer at zero)
             for module in self.modules():
                 if isinstance(module, Block):
@@ -364,12 +349,7 @@ class TextRIN(nn.Module):
         B, _, H, W = x_t.shape
         p = self.patch_size
         patches = x_t.reshape(B, 3, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, 3 * p * p)
-        if self.patch_skip is not None:
-            first = self.patch_in[1](self.patch_in[0](patches))                   # (B, P, hidden)
-            patches = self.patch_in[2](first)
-        else:
-            patches = self.patch_in(patches)
-        patches = self.patch_norm(patches) + self.patch_pos                       # (B, P, data_dim)
+        patches = self.patch_norm(self.patch_in(patches)) + self.patch_pos       # (B, P, data_dim)
         latents = self.latents.expand(B, -1, -1)                                 # (B, n, latent_dim)
         if prev_latents is None:  # no previous pass: zeros, as for the 10% of training without one
             prev_latents = torch.zeros_like(latents)
@@ -382,15 +362,8 @@ class TextRIN(nn.Module):
             latents = latents + self.pool_to_latents(pooled)[:, None]
         for block in self.blocks:
             patches, latents = block(patches, latents, cond, cond_mask)
-        if self.patch_skip is not None:
-            hidden = self.patch_out[0](self.out_norm(patches)) + self.patch_skip(first)
-            out = self.patch_out[2](self.patch_out[1](hidden))                   # (B, P, 3 p p)
-        else:
-            out = self.patch_out(self.out_norm(patches))                        # (B, P, 3 p p)
+        out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)
         out = out.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
-        if self.pixel_head is not None:
-            t_map = t.to(out.dtype).view(B, 1, 1, 1).expand(B, 1, H, W)
-            out = out + self.pixel_head(torch.cat([out, t_map], 1))
         if self.prediction == "x":  # out is the clean image
             return velocity_from_image(x_t, out, t), latents
         c_skip, c_out = skip_scales(t, self.sigma_data)

@@ -77,8 +77,7 @@ def noisy(x, eps, t):
     return (1 - t) * x + t * eps
 
 
-def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image", rollout=None, rollout_dt=1 / 12,
-                       jitter=None):
+def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image"):
     """Per-image loss ||v(x_t) - (eps - x)||^2 (paper eq. 2), times max(t, T_MIN)^2 with
     weight "image" (the squared error of x_hat = x_t - t v), with latent self-conditioning.
 
@@ -89,21 +88,6 @@ def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image",
     if not self_cond.any():  # no image would use the first pass: skip it
         self_cond = None
     x_t = noisy(x, eps, t)
-    if jitter is not None:  # the network sees its objects' colours shifted by jitter (B, 3) and must undo it
-        border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], -1)       # (B, 3, 4H)
-        background = border.median(-1).values[..., None, None]                                 # (B, 3, 1, 1)
-        foreground = ((x - background).abs().amax(1, keepdim=True) > 0.1).to(x.dtype)          # (B, 1, H, W)
-        x_t = noisy(x + foreground * jitter[..., None, None], eps, t)
-    if rollout is not None and rollout.any():
-        # where rollout (B,) is 1, x_t is where one Euler step of the sampler lands from t + dt: the same
-        # point of eq. 2's path when the network is exact, off it by the network's own error otherwise,
-        # as at sampling (the target stays eps - x)
-        t_high = (t + rollout_dt).clamp(max=1)
-        x_high = noisy(x, eps, t_high)
-        with torch.no_grad():
-            v_high, _ = model(x_high, t_high, levels, ids)
-        stepped = x_high - (t_high - t).view(-1, 1, 1, 1) * v_high.to(x_high.dtype)
-        x_t = torch.where(rollout.view(-1, 1, 1, 1) > 0, stepped, x_t)
     v, _ = model(x_t, t, levels, ids, self_cond=self_cond)  # both passes in one call (04_model.py)
     loss = (v.float() - (eps - x)).square().mean(dim=(1, 2, 3))  # (B,) paper eq. 2
     if weight == "image":  # t^2 ||v - (eps - x)||^2 = ||x_hat - x||^2
@@ -449,11 +433,7 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast:
-            rollout = (torch.rand(len(x), generator=generator, device=device) < args.rollout).float() if args.rollout else None
-            jitter = args.colour_jitter * torch.randn(len(x), 3, generator=generator, device=device) \
-                if args.colour_jitter else None
-            per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond, args.loss_weight,
-                                           rollout, args.rollout_dt, jitter)
+            per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond, args.loss_weight)
         loss = per_image.mean()
         grad_norm = backward(loss, raw_model, optimizer, scaler, args.grad_clip)
         loss_value = loss.item()
@@ -621,11 +601,6 @@ def main():
     parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
     parser.add_argument("--ema-warmup", type=world.number(int, 2), default=10,
                         help="EMA decay at most (1 + step) / (W + step): a smaller W averages more of a short run")
-    parser.add_argument("--rollout", type=world.fraction, default=0.0,
-                        help="probability that x_t is where one sampler step (--rollout-dt) lands, not eq. 2's point")
-    parser.add_argument("--rollout-dt", type=world.positive, default=1 / 12, help="the step of --rollout")
-    parser.add_argument("--colour-jitter", type=world.non_negative, default=0.0,
-                        help="std of a colour shift of the objects in the network's input (the target keeps the true colours)")
     parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of latent self-conditioning")
     parser.add_argument("--net", default="", help="network settings that replace the preset's, e.g. "
                         "patch_cond=true,cell_codes=random (04_model.TextRIN's arguments)")
