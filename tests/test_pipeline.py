@@ -112,14 +112,23 @@ def test_folder_images_of_every_mode_come_out_8_bit(tmp_path):
     ("list.json", b'["a.png"]', ["JSON list", "not an object"]),
 ])
 def test_every_alt_file_problem_is_one_line(tmp_path, name, content, words):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    from PIL import Image
-    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    world = stage("01_caption")
     if content is not None:
         (tmp_path / name).write_bytes(content)
+    with pytest.raises(SystemExit) as stop:  # 01 reads --alt-file before it reads any image
+        world.read_alt_file(str(tmp_path / name))
+    message = str(stop.value)
+    assert "\n" not in message and all(word in message for word in ["--alt-file", *words]), message
+
+
+def test_a_bad_alt_file_stops_01_before_it_writes(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (tmp_path / "list.json").write_text('["a.png"]')
     fails_cleanly("01_caption.py", "--out", tmp_path / "out", "--source", "folder", "--images", folder,
-                  "--captioner", "none", "--alt-file", tmp_path / name, expect=["--alt-file", *words])
+                  "--captioner", "none", "--alt-file", tmp_path / "list.json", expect=["--alt-file", "not an object"])
     assert not (tmp_path / "out" / "images.npy").exists()
 
 
