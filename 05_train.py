@@ -77,7 +77,7 @@ def noisy(x, eps, t):
     return (1 - t) * x + t * eps
 
 
-def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image", mix=None):
+def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image"):
     """Per-image loss ||v(x_t) - (eps - x)||^2 (paper eq. 2), times max(t, T_MIN)^2 with
     weight "image" (the squared error of x_hat = x_t - t v), with latent self-conditioning.
 
@@ -88,9 +88,6 @@ def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image",
     if not self_cond.any():  # no image would use the first pass: skip it
         self_cond = None
     x_t = noisy(x, eps, t)
-    if mix is not None:  # (B,) weights in [0.5, 1]: the input holds another image of the batch faintly
-        blended = mix.view(-1, 1, 1, 1) * x + (1 - mix.view(-1, 1, 1, 1)) * x.roll(1, 0)
-        x_t = noisy(blended, eps, t)
     v, _ = model(x_t, t, levels, ids, self_cond=self_cond)  # both passes in one call (04_model.py)
     loss = (v.float() - (eps - x)).square().mean(dim=(1, 2, 3))  # (B,) paper eq. 2
     if weight == "image":  # t^2 ||v - (eps - x)||^2 = ||x_hat - x||^2
@@ -436,11 +433,7 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast:
-            mix = None
-            if args.mixup:  # a fraction of images get a weight below 1
-                u = torch.rand(len(x), 2, generator=generator, device=device)
-                mix = torch.where(u[:, 0] < args.mixup, 0.5 + 0.5 * u[:, 1], torch.ones_like(u[:, 1]))
-            per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond, args.loss_weight, mix)
+            per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond, args.loss_weight)
         loss = per_image.mean()
         grad_norm = backward(loss, raw_model, optimizer, scaler, args.grad_clip)
         loss_value = loss.item()
@@ -608,8 +601,6 @@ def main():
     parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
     parser.add_argument("--ema-warmup", type=world.number(int, 2), default=10,
                         help="EMA decay at most (1 + step) / (W + step): a smaller W averages more of a short run")
-    parser.add_argument("--mixup", type=world.fraction, default=0.0,
-                        help="fraction of inputs that hold another image faintly (the target is the image alone)")
     parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of latent self-conditioning")
     parser.add_argument("--net", default="", help="network settings that replace the preset's, e.g. "
                         "patch_cond=true,cell_codes=random (04_model.TextRIN's arguments)")
