@@ -316,9 +316,13 @@ def take_lock(run_dir):
                     owner = int(f.read().strip() or 0)
             except (OSError, ValueError):
                 owner = 0
-            if owner and owner != os.getpid() and world.process_alive(owner):
-                sys.exit(f"{STAGE}: error: run {os.path.basename(run_dir)} is being trained by process {owner} "
-                         f"({path}): wait for it or stop it")
+            try:  # a lock without a pid yet was made this instant by a process still writing it
+                fresh = not owner and time.time() - os.path.getmtime(path) < 10
+            except OSError:
+                fresh = False
+            if fresh or (owner and owner != os.getpid() and world.process_alive(owner)):
+                sys.exit(f"{STAGE}: error: run {os.path.basename(run_dir)} is being trained by process "
+                         f"{owner or 'starting now'} ({path}): wait for it or stop it")
             try:
                 os.remove(path)  # its process is gone
             except FileNotFoundError:
