@@ -77,7 +77,7 @@ def noisy(x, eps, t):
     return (1 - t) * x + t * eps
 
 
-def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image", recolour=None):
+def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image"):
     """Per-image loss ||v(x_t) - (eps - x)||^2 (paper eq. 2), times max(t, T_MIN)^2 with
     weight "image" (the squared error of x_hat = x_t - t v), with latent self-conditioning.
 
@@ -88,11 +88,6 @@ def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image",
     if not self_cond.any():  # no image would use the first pass: skip it
         self_cond = None
     x_t = noisy(x, eps, t)
-    if recolour is not None:  # (B, 3): a shift of the objects' colour in the input; the target keeps the truth
-        border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], -1)
-        background = border.median(-1).values[..., None, None]
-        foreground = ((x - background).abs().amax(1, keepdim=True) > 0.3).to(x.dtype)
-        x_t = noisy(x + foreground * recolour[..., None, None], eps, t)
     v, _ = model(x_t, t, levels, ids, self_cond=self_cond)  # both passes in one call (04_model.py)
     loss = (v.float() - (eps - x)).square().mean(dim=(1, 2, 3))  # (B,) paper eq. 2
     if weight == "image":  # t^2 ||v - (eps - x)||^2 = ||x_hat - x||^2
@@ -442,19 +437,7 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast:
-            recolour = None
-            if args.recolour:  # part of the way (0 to 1/2) from the object's colour to another palette colour
-                border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], -1).median(-1).values
-                far = (x - border[..., None, None]).abs().amax(1)                          # (B, H, W)
-                weights = (far > 0.3).float()[:, None]
-                own = (x * weights).sum((2, 3)) / weights.sum((2, 3)).clamp_min(1)       # (B, 3)
-                palette = torch.tensor(list(world.COLOURS.values()), dtype=x.dtype, device=device) / 127.5 - 1
-                u = torch.rand(len(x), 3, generator=generator, device=device)
-                other = palette[(u[:, 0] * len(palette)).long().clamp(max=len(palette) - 1)]
-                amount = 0.5 * u[:, 1] * (u[:, 2] < args.recolour).to(x.dtype)
-                recolour = amount[:, None] * (other - own)
-            per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond, args.loss_weight,
-                                           recolour)
+            per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond, args.loss_weight)
         loss = per_image.mean()
         grad_norm = backward(loss, raw_model, optimizer, scaler, args.grad_clip)
         loss_value = loss.item()
@@ -622,8 +605,6 @@ def main():
     parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
     parser.add_argument("--ema-warmup", type=world.number(int, 2), default=10,
                         help="EMA decay at most (1 + step) / (W + step): a smaller W averages more of a short run")
-    parser.add_argument("--recolour", type=world.fraction, default=0.0,
-                        help="fraction of inputs whose objects are recoloured part-way to another colour")
     parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of latent self-conditioning")
     parser.add_argument("--net", default="", help="network settings that replace the preset's, e.g. "
                         "patch_cond=true,cell_codes=random (04_model.TextRIN's arguments)")
