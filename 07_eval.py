@@ -55,6 +55,7 @@ import torch
 
 world = importlib.import_module("01_caption")  # colours, kinds, the 2x2 layout, captions
 rewards = importlib.import_module("02_score")  # the detector, the relation test, the rewards
+net = importlib.import_module("04_model")       # the tokenizer (the decide-or-copy probe)
 sampler = importlib.import_module("06_sample")  # guided sampling (paper eq. 3)
 STAGE = "07_eval.py"
 
@@ -262,6 +263,33 @@ def sweep(model, names, reward, settings, n_prompts, steps, seed, neg_text, devi
     return out
 
 
+@torch.no_grad()
+def blend_probe(model, names, t=0.5, blends=11, draws=16, device="cpu"):
+    """Does the network decide or copy? A square blended between orange (share 1) and yellow (0),
+    noised to t, captioned "a square." (no colour named), at the top reward target: the orange share
+    of the network's clean-image estimate, per blend. A network that decides answers near 0 or 1 (the
+    posterior snaps to one colour); one that copies answers the blend. Training images never hold a
+    blend, so nothing in training asks for the snap; at sampling, where no colour is named, the first
+    steps make one (exposure bias)."""
+    square = lambda colour: torch.as_tensor(world.render({"objects": [
+        {"kind": "square", "colour": colour, "row": 0, "col": 0, "cx": 8.0, "cy": 8.0, "diameter": 11.0}],
+        "relation": None}, model.image_size)).permute(2, 0, 1).float() / 127.5 - 1
+    orange, yellow = square("orange"), square("yellow")
+    on = (orange - yellow).abs().sum(0) > 0.1  # the square's pixels
+    shares = torch.linspace(0, 1, blends)
+    x = torch.stack([a * orange + (1 - a) * yellow for a in shares]).repeat_interleave(draws, 0)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    x_t = ((1 - t) * x + t * noise).to(device)
+    ids = net.tokenize(["a square."] * len(x), model.text_len, model.text_encoder).to(device)
+    tokens, mask = model.encode_text(ids)
+    levels = torch.ones(len(x), len(names), device=device)
+    v, _ = model.denoise(x_t, torch.full((len(x),), t, device=device), levels, tokens, mask)
+    x_hat = (x_t - t * v.float()).cpu()
+    axis = (orange - yellow)[:, on]
+    share = ((x_hat[:, :, on] - yellow[:, on]) * axis).sum((1, 2)) / axis.square().sum()
+    return share.view(blends, draws).mean(1).tolist()
+
+
 def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, path, world_name="full"):
     """Paper Fig. 9: a row per reward j, guided along j alone (s- = s+ = 1 except s-_j = 0), the
     same noise in every row; the first row guides along all rewards at once."""
@@ -432,7 +460,8 @@ def write_report(args, runs, device, eval_dir):
                     for seed in range(args.seeds)]
         summary[run] = {"mean": {m: float(np.mean([r[m] for r in per_seed])) for m in metrics},
                         "std": {m: float(np.std([r[m] for r in per_seed])) for m in metrics}}
-        results["runs"][run] = {"step": ckpt["step"], "rewards": ckpt["reward_names"], "seeds": per_seed, **summary[run]}
+        results["runs"][run] = {"step": ckpt["step"], "rewards": ckpt["reward_names"], "seeds": per_seed, **summary[run],
+                                "blend_probe": blend_probe(model, ckpt["reward_names"], device=device)}
         print(f"{run} (step {ckpt['step']}): " + ", ".join(f"{m} {summary[run]['mean'][m]:.3f}"
                                                           for m in all_rewards + ["overall"]))
 
@@ -443,7 +472,12 @@ def write_report(args, runs, device, eval_dir):
           markdown_table(summary, list(tasks)), "", "What the alignment reward found, fact by fact (stated_drawn: every "
           "stated colour+kind is there; exact_counts, relation: the stated ones that hold; nothing_else: no unstated "
           "object; objects: detected and stated per image; other_caption: the alignment reward against another "
-          "caption, the chance level):\n", markdown_table(summary, list(FACTS)), ""]
+          "caption, the chance level):\n", markdown_table(summary, list(FACTS)), "",
+          "Decide or copy? A square blended between orange (1) and yellow (0), noised to t = 0.5 and captioned "
+          "\"a square.\": the orange share of each run's clean-image estimate, per blend (a network that decides "
+          "answers near 0 or 1, one that copies answers the blend):\n",
+          *table(["run", *(f"{a:.1f}" for a in np.linspace(0, 1, 11))],
+                 [[run, *(f"{v:.2f}" for v in results["runs"][run]["blend_probe"])] for run in runs]), ""]
     ranges = reward_ranges(args.out)
     plot_radar(summary, all_rewards + ["overall"], ranges, os.path.join(eval_dir, "radar.png"))
     results["reward_ranges"] = ranges

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import ROOT, fails_in_one_line, run, stage
@@ -77,6 +78,7 @@ def test_report_end_to_end(runs):
     for figure in ("radar", "curves", "best_of", "sweep", "cfg", "isolation", "geneval_miro", "geneval_baseline"):
         assert (eval_dir / f"{figure}.png").exists() and f"({figure}.png)" in report
     assert "| miro |" in report and "| baseline |" in report and "reward hacking" in report
+    assert "Decide or copy" in report and len(miro["blend_probe"]) == 11
 
 
 def test_a_failed_report_leaves_the_last_one_whole(runs, tmp_path):
@@ -109,3 +111,23 @@ def test_bad_input_fails_in_one_line(runs, tmp_path):
                       expect=["baseline", "no log", "05_train.py"])
     fails_in_one_line("07_eval.py", "--out", runs, "--select", "aesthetic", expect=["unknown reward", "aesthetic"])
     fails_in_one_line("07_eval.py", "--out", tmp_path, expect=["no trained run", "05_train.py"])
+
+
+def test_blend_probe_tells_a_network_that_decides_from_one_that_copies():
+    """Known answers: a network whose clean-image estimate is always the orange square answers 1 for
+    every blend; one that hands back its input's image (x_t / (1 - t)) answers the blend itself."""
+    net = stage("04_model")
+    model, _ = net.build("tiny", 0)
+    orange = ev.world.render({"objects": [{"kind": "square", "colour": "orange", "row": 0, "col": 0, "cx": 8.0,
+                                           "cy": 8.0, "diameter": 11.0}], "relation": None}, 32)
+    orange = torch.as_tensor(orange).permute(2, 0, 1).float() / 127.5 - 1
+
+    def decides(x_t, t, levels, tokens, mask, prev=None):  # v such that x_hat = x_t - t v = orange
+        return (x_t - orange) / t.view(-1, 1, 1, 1), None
+
+    def copies(x_t, t, levels, tokens, mask, prev=None):   # x_hat = x_t / (1 - t)
+        return (x_t - x_t / (1 - t.view(-1, 1, 1, 1))) / t.view(-1, 1, 1, 1), None
+    model.denoise = decides
+    assert np.allclose(ev.blend_probe(model, []), 1.0, atol=1e-4)
+    model.denoise = copies
+    assert np.allclose(ev.blend_probe(model, [], draws=64), np.linspace(0, 1, 11), atol=0.05)
