@@ -57,7 +57,9 @@ VERSION = 2
 
 # ----------------------------------------------------------------------------- the detector
 def as_float(images):
-    """uint8 [B, H, W, 3] (array or memory map) -> float32 tensor in 0..255."""
+    """uint8 [B, H, W, 3] (array, memory map or tensor) -> float32 tensor in 0..255 (a copy)."""
+    if isinstance(images, torch.Tensor):
+        return images.to(torch.float32, copy=True)
     return torch.as_tensor(np.array(images)).float()
 
 
