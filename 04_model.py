@@ -266,7 +266,7 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, patch_hidden=4, registers=0):
+                 patch_mlp=False, patch_attend=False, patch_hidden=4):
         super().__init__()
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
@@ -306,9 +306,6 @@ class TextRIN(nn.Module):
         else:  # frozen and pretrained (text_dim, text_layers unused): only the projection below is trained
             text_dim = frozen_text_encoder(text_encoder).width
         self.text_proj = nn.Linear(text_dim, latent_dim)
-        # registers = K: K learned tokens join the conditioning (as the released network's 16 text registers):
-        # a memory the latents and patches look up by attention, whose softmax can pick one entry sharply
-        self.registers = nn.Parameter(torch.randn(registers, latent_dim)) if registers else None
         if cond_pool:  # the mean conditioning token, added to every patch and latent: a path that needs no attention
             self.pool_norm = RMSNorm(latent_dim)
             self.pool_to_patches, self.pool_to_latents = nn.Linear(latent_dim, data_dim), nn.Linear(latent_dim, latent_dim)
@@ -343,11 +340,8 @@ class TextRIN(nn.Module):
             B, R = levels.shape
             reward = self.reward_embed(sinusoid(levels.reshape(-1), 256).to(dtype)).view(B, R, -1)
             tokens.append(reward + self.reward_id)                            # (B, R, D)
-        if self.registers is not None:
-            tokens.append(self.registers.expand(t.shape[0], -1, -1))          # (B, K, D)
         tokens.append(text_tokens)                                            # (B, L, D)
-        always = torch.ones(t.shape[0], 1 + self.num_rewards + (len(self.registers) if self.registers is not None else 0),
-                            dtype=torch.bool, device=t.device)
+        always = torch.ones(t.shape[0], 1 + self.num_rewards, dtype=torch.bool, device=t.device)
         return torch.cat(tokens, dim=1), torch.cat([always, text_mask], dim=1)
 
     def denoise(self, x_t, t, levels, text_tokens, text_mask, prev_latents=None):

@@ -61,14 +61,11 @@ STAGE, VERSION = "05_train.py", 1
 
 
 # ----------------------------------------------------------------------------- flow matching (eq. 2)
-def sample_t(batch, dist_name, generator, device, shift=1.0):
-    """t in (0, 1): uniform, or logit-normal (more steps at mid noise, as in SD3); then shifted
-    towards noise, t <- s t / (1 + (s - 1) t), where s > 1 (SD3's resolution shift)."""
+def sample_t(batch, dist_name, generator, device):
+    """t in (0, 1): uniform, or logit-normal (more steps at mid noise, as in SD3)."""
     if dist_name == "logit-normal":
-        t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
-    else:
-        t = torch.rand(batch, generator=generator, device=device)
-    return shift * t / (1 + (shift - 1) * t)
+        return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    return torch.rand(batch, generator=generator, device=device)
 
 
 def noisy(x, eps, t):
@@ -220,11 +217,8 @@ def update(optimizer, scaler):
 
 
 @torch.no_grad()
-def update_ema(ema, model, step, decay, warmup=10):
-    """ema <- decay ema + (1 - decay) model, with decay at most (1 + step) / (warmup + step): the
-    average spans about the last (step + warmup) / (warmup - 1) steps, so a short run forgets its
-    random start (the smaller warmup, the longer the average)."""
-    decay = min(decay, (1 + step) / (warmup + step))
+def update_ema(ema, model, step, decay):
+    decay = min(decay, (1 + step) / (10 + step))  # short runs: the average forgets the random init
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
@@ -242,101 +236,18 @@ def amp_setup(amp, device):
     return context, torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
 
-def peak_flops(device, amp, override):
-    """Peak FLOP/s for MFU: --peak-tflops, a known GPU's dense bf16 peak, or a measured CPU matmul."""
-    if override:
-        return override * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        known = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
-        return next((flops for key, flops in known.items() if key in name), None)
-    a = torch.randn(1024, 1024, dtype=torch.bfloat16 if amp == "bf16" else torch.float32)
-    best = 0.0
-    for _ in range(6):  # the best of a few tries: a busy CPU only ever slows a try down
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ a
-        best = max(best, 4 * 2 * 1024 ** 3 / (time.perf_counter() - start))
-    return best
-
-
-def train_flops_per_image(model, model_args, self_cond_rate):
-    """FLOPs of one image's training step, counted by torch.utils.flop_counter on the real step."""
-    x, t, levels, ids = net.dummy_inputs(model_args, 1, next(model.parameters()).device)
-    self_cond = torch.ones(1, device=x.device) if self_cond_rate > 0 else None  # its pass runs for the whole batch
-    flops = net.count_flops(lambda: model(x, t, levels, ids, self_cond=self_cond)[0].sum().backward())
-    model.zero_grad(set_to_none=True)
-    return flops
-
-
 # ----------------------------------------------------------------------------- training
+def run_edges(bins, names):
+    """The bin edges (R, B + 1) of the run's rewards, in the run's order."""
+    return bins["edges"][[list(bins["names"]).index(n) for n in names]]
+
+
 def save_checkpoint(path, raw_model, ema, optimizer, step, model_args, names, bins, args):
     world.save_atomic({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                        "step": step, "model_args": model_args, "reward_names": names, "num_bins": bins["num_bins"],
-                       "bin_edges": bins["edges"][[list(bins["names"]).index(n) for n in names]],
+                       "bin_edges": run_edges(bins, names),
                        "dataset": bins.get("dataset"),
                        "version": VERSION, "config": world.file_config(args)}, path)
-
-
-def check_resume(checkpoint, args):
-    """--resume continues the run it finds: the flags that would change what it is stop in one line."""
-    preset = checkpoint.get("config", {}).get("preset")
-    if args.preset and preset and args.preset != preset:
-        sys.exit(f"{STAGE}: error: --resume: the run was trained with --preset {preset}, not {args.preset}")
-    if args.steps < checkpoint["step"]:
-        sys.exit(f"{STAGE}: error: --resume: the checkpoint is at step {checkpoint['step']}, past --steps {args.steps}")
-
-
-def check_resume_data(checkpoint, bins):
-    """The run continues on the data and reward levels it began with (a re-binned or other dataset
-    would change what each level means)."""
-    if checkpoint.get("dataset") not in (None, bins.get("dataset")):
-        sys.exit(f"{STAGE}: error: --resume: the run was trained on another dataset than the one in this --out "
-                 f"(its fingerprint differs): resume it in its own folder or train a new run")
-    if "num_bins" in checkpoint and checkpoint["num_bins"] != bins["num_bins"]:
-        sys.exit(f"{STAGE}: error: --resume: the run was trained with {checkpoint['num_bins']} bins but bins.pt has "
-                 f"{bins['num_bins']}: re-run 03_bin.py --bins {checkpoint['num_bins']} or train a new run")
-    names = checkpoint.get("reward_names", [])
-    if names and not torch.allclose(checkpoint["bin_edges"].double(),
-                                    bins["edges"][[list(bins["names"]).index(n) for n in names]].double()):
-        sys.exit(f"{STAGE}: error: --resume: bins.pt has other bin edges than the run was trained with "
-                 f"(03_bin.py re-run with other settings?): restore them or train a new run")
-
-
-def take_lock(run_dir):
-    """One process trains a run at a time: a lock file with its process id, removed at exit. A lock
-    whose process is gone (killed) is taken over."""
-    path = os.path.join(run_dir, "lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    owner = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            try:  # a lock without a pid yet was made this instant by a process still writing it
-                fresh = not owner and time.time() - os.path.getmtime(path) < 10
-            except OSError:
-                fresh = False
-            if fresh or (owner and owner != os.getpid() and world.process_alive(owner)):
-                sys.exit(f"{STAGE}: error: run {os.path.basename(run_dir)} is being trained by process "
-                         f"{owner or 'starting now'} ({path}): wait for it or stop it")
-            try:
-                os.remove(path)  # its process is gone
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        atexit.register(release_lock, path)
-        return
-
-
-def release_lock(path):
-    if os.path.exists(path):
-        os.remove(path)
 
 
 def train(args):
@@ -359,7 +270,8 @@ def train(args):
     elif not args.overwrite and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
         sys.exit(f"{STAGE}: error: run {args.run} exists in {run_dir}: pass --resume to continue it, "
                  f"--overwrite to start it afresh, or another --run")
-    args.preset = args.preset or (checkpoint.get("config", {}).get("preset") if checkpoint else None) or "tiny"
+    if args.preset is None:  # a resumed run keeps its preset; a new one is tiny unless told
+        args.preset = checkpoint.get("config", {}).get("preset", "tiny") if checkpoint else "tiny"
     model_args = checkpoint["model_args"] if checkpoint else None
     trained_with = model_args.get("text_encoder", "own") if model_args else args.text_encoder
     if trained_with != args.text_encoder:
@@ -431,7 +343,7 @@ def train(args):
     end = min(args.stop_at or args.steps, args.steps)
     while step < end:
         x, batch_ids, batch_levels, generator = get_batch(step, args, data, rank, world_size, device)
-        t = sample_t(len(x), args.t_dist, generator, device, args.t_shift)
+        t = sample_t(len(x), args.t_dist, generator, device)
         eps = torch.randn(x.shape, generator=generator, device=device)
         self_cond = (torch.rand(len(x), generator=generator, device=device) < args.self_cond).float()
         for group in optimizer.param_groups:
@@ -446,7 +358,7 @@ def train(args):
             sys.exit(f"{STAGE}: error: non-finite loss ({loss_value}, grad norm {grad_norm}) at step {step + 1}: "
                      f"stopped; {kept}")
         update(optimizer, scaler)
-        update_ema(ema, raw_model, step, args.ema, args.ema_warmup)
+        update_ema(ema, raw_model, step, args.ema)
         step += 1
         window.append((loss_value, t.detach().cpu(), per_image.detach().float().cpu()))
 
@@ -496,7 +408,153 @@ def save_snapshot(run_dir, ema, step):
                       os.path.join(run_dir, "snapshots", f"{step:07d}.pt"))
 
 
-# ----------------------------------------------------------------------------- benchmark
+def main():
+    parser = world.Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt, bins.pt)")
+    parser.add_argument("--run", "--run-name", dest="run", default="miro",
+                        help="run name: writes OUT/runs/RUN/ckpt.pt and log.jsonl (--run-name under torchrun)")
+    parser.add_argument("--preset", help=f"network size: {', '.join(net.PRESETS)} (default tiny, or the run's on --resume)")
+    parser.add_argument("--rewards", default="all", help="all, none (the baseline) or comma-separated names")
+    parser.add_argument("--captions", default="mix", help="caption shown with each image: mix (" + ",".join(MIX) +
+                        ") or a list of kinds, alt, long, short, brief (long,brief,brief: a third long, two thirds brief)")
+    parser.add_argument("--steps", type=world.count, default=600, help="total training steps (sets the lr schedule)")
+    parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
+    parser.add_argument("--batch-size", type=world.count, default=16, help="global batch size (split across processes)")
+    parser.add_argument("--lr", type=world.positive, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=world.natural, default=50, help="linear warmup steps")
+    parser.add_argument("--weight-decay", type=world.non_negative, default=0.01, help="AdamW weight decay on matrices")
+    parser.add_argument("--grad-clip", type=world.positive, default=1.0, help="max gradient norm")
+    parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
+    parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of latent self-conditioning")
+    parser.add_argument("--net", default="", help="network settings that replace the preset's, e.g. "
+                        "patch_cond=true,cell_codes=random (04_model.TextRIN's arguments)")
+    parser.add_argument("--text-encoder", default="own", help="own (a small transformer trained with the net) or "
+                        "frozen: openclip:ARCH[:PRETRAINED_OR_PATH] (e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or "
+                        "t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl); only a projection of it is trained")
+    parser.add_argument("--text-drop", type=world.fraction, default=0.1, help="probability of an empty caption (text CFG)")
+    parser.add_argument("--loss-weight", default="image", choices=["image", "velocity"],
+                        help="image: eq. 2 times t^2, the error of the implied clean image; velocity: eq. 2 as written")
+    parser.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="autocast: auto = bf16 on CUDA (fp16 + GradScaler without bf16), off on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--seed", type=world.natural, default=0, help="seed of the initialisation and of every step's draws")
+    parser.add_argument("--log-every", type=world.count, default=25, help="steps between log lines")
+    parser.add_argument("--ckpt-every", type=world.count, default=500, help="steps between checkpoints")
+    parser.add_argument("--eval-every", type=world.natural, default=0,
+                        help="steps between EMA snapshots for 07_eval.py's convergence curves (0: none)")
+    parser.add_argument("--resume", action="store_true", help="continue OUT/runs/RUN from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start OUT/runs/RUN afresh even if it exists")
+    parser.add_argument("--peak-tflops", type=world.non_negative, default=0, help="peak TFLOP/s for MFU (default: known GPU or measured CPU)")
+    parser.add_argument("--benchmark", action="store_true", help="time train steps on random data, print img/s and MFU")
+    parser.add_argument("--bench-presets", default="tiny", help="presets to benchmark, comma-separated")
+    parser.add_argument("--bench-steps", type=world.count, default=10, help="timed steps per benchmark")
+    parser.add_argument("--official", action="store_true", help="also time the released MIRO network (miro-t2i)")
+    args = parser.parse_args()
+    if args.resume and args.overwrite:
+        parser.error("--resume continues a run and --overwrite starts it afresh: pass one of them")
+    bad_presets = [p for p in [args.preset or "tiny"] + args.bench_presets.split(",") if p not in net.PRESETS]
+    if bad_presets:
+        sys.exit(f"{STAGE}: error: unknown preset {', '.join(bad_presets)}; known: {', '.join(net.PRESETS)}")
+    if min(args.steps, args.batch_size, args.log_every, args.ckpt_every) < 1:
+        sys.exit(f"{STAGE}: error: --steps, --batch-size, --log-every and --ckpt-every must be >= 1")
+    benchmark(args) if args.benchmark else train(args)
+
+
+# ============================================================================= runs kept whole
+# What train() checks so that a run is never trained over, mixed with another dataset or owned by
+# two processes (not needed to follow the training itself).
+def check_resume(checkpoint, args):
+    """--resume continues the run it finds: the flags that would change what it is stop in one line."""
+    preset = checkpoint.get("config", {}).get("preset")
+    if args.preset and preset and args.preset != preset:
+        sys.exit(f"{STAGE}: error: --resume: the run was trained with --preset {preset}, not {args.preset}")
+    if args.steps < checkpoint["step"]:
+        sys.exit(f"{STAGE}: error: --resume: the checkpoint is at step {checkpoint['step']}, past --steps {args.steps}")
+
+
+def check_resume_data(checkpoint, bins):
+    """The run continues on the data and reward levels it began with (a re-binned or other dataset
+    would change what each level means)."""
+    if checkpoint.get("dataset") not in (None, bins.get("dataset")):
+        sys.exit(f"{STAGE}: error: --resume: the run was trained on another dataset than the one in this --out "
+                 f"(its fingerprint differs): resume it in its own folder or train a new run")
+    if "num_bins" in checkpoint and checkpoint["num_bins"] != bins["num_bins"]:
+        sys.exit(f"{STAGE}: error: --resume: the run was trained with {checkpoint['num_bins']} bins but bins.pt has "
+                 f"{bins['num_bins']}: re-run 03_bin.py --bins {checkpoint['num_bins']} or train a new run")
+    names = checkpoint.get("reward_names", [])
+    if names and not torch.allclose(checkpoint["bin_edges"].double(), run_edges(bins, names).double()):
+        sys.exit(f"{STAGE}: error: --resume: bins.pt has other bin edges than the run was trained with "
+                 f"(03_bin.py re-run with other settings?): restore them or train a new run")
+
+
+def take_lock(run_dir):
+    """One process trains a run at a time: a lock file with its process id, removed at exit. A lock
+    whose process is gone (killed) is taken over."""
+    path = os.path.join(run_dir, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            try:  # a lock without a pid yet was made this instant by a process still writing it
+                fresh = not owner and time.time() - os.path.getmtime(path) < 10
+            except OSError:
+                fresh = False
+            if fresh or (owner and owner != os.getpid() and world.process_alive(owner)):
+                sys.exit(f"{STAGE}: error: run {os.path.basename(run_dir)} is being trained by process "
+                         f"{owner or 'starting now'} ({path}): wait for it or stop it")
+            try:
+                os.remove(path)  # its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(release_lock, path)
+        return
+
+
+def release_lock(path):
+    if os.path.exists(path):
+        os.remove(path)
+
+
+# ============================================================================= benchmark
+# --benchmark: train-step throughput and MFU on random data, and the FLOP counts train() logs MFU
+# with (not needed to follow the training).
+def peak_flops(device, amp, override):
+    """Peak FLOP/s for MFU: --peak-tflops, a known GPU's dense bf16 peak, or a measured CPU matmul."""
+    if override:
+        return override * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        known = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+        return next((flops for key, flops in known.items() if key in name), None)
+    a = torch.randn(1024, 1024, dtype=torch.bfloat16 if amp == "bf16" else torch.float32)
+    best = 0.0
+    for _ in range(6):  # the best of a few tries: a busy CPU only ever slows a try down
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        best = max(best, 4 * 2 * 1024 ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def train_flops_per_image(model, model_args, self_cond_rate):
+    """FLOPs of one image's training step, counted by torch.utils.flop_counter on the real step."""
+    x, t, levels, ids = net.dummy_inputs(model_args, 1, next(model.parameters()).device)
+    self_cond = torch.ones(1, device=x.device) if self_cond_rate > 0 else None  # its pass runs for the whole batch
+    flops = net.count_flops(lambda: model(x, t, levels, ids, self_cond=self_cond)[0].sum().backward())
+    model.zero_grad(set_to_none=True)
+    return flops
+
+
 class OfficialNetwork(torch.nn.Module):
     """The released MIRO network (pip install miro-t2i einops) behind TextRIN's call, for timing only.
 
@@ -584,64 +642,6 @@ def benchmark(args):
             del model
         if len(throughput) == 2:
             print(f"{preset:>6} TextRIN / official train-step throughput: {throughput[0] / throughput[1]:.2f}x")
-
-
-def main():
-    parser = world.Parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt, bins.pt)")
-    parser.add_argument("--run", "--run-name", dest="run", default="miro",
-                        help="run name: writes OUT/runs/RUN/ckpt.pt and log.jsonl (--run-name under torchrun)")
-    parser.add_argument("--preset", help=f"network size: {', '.join(net.PRESETS)} (default tiny, or the run's on --resume)")
-    parser.add_argument("--rewards", default="all", help="all, none (the baseline) or comma-separated names")
-    parser.add_argument("--captions", default="mix", help="caption shown with each image: mix (" + ",".join(MIX) +
-                        ") or a list of kinds, alt, long, short, brief (long,brief,brief: a third long, two thirds brief)")
-    parser.add_argument("--steps", type=world.count, default=600, help="total training steps (sets the lr schedule)")
-    parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
-    parser.add_argument("--batch-size", type=world.count, default=16, help="global batch size (split across processes)")
-    parser.add_argument("--lr", type=world.positive, default=2e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--warmup", type=world.natural, default=50, help="linear warmup steps")
-    parser.add_argument("--weight-decay", type=world.non_negative, default=0.01, help="AdamW weight decay on matrices")
-    parser.add_argument("--grad-clip", type=world.positive, default=1.0, help="max gradient norm")
-    parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
-    parser.add_argument("--ema-warmup", type=world.number(int, 2), default=10,
-                        help="EMA decay at most (1 + step) / (W + step): a smaller W averages more of a short run")
-    parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of latent self-conditioning")
-    parser.add_argument("--net", default="", help="network settings that replace the preset's, e.g. "
-                        "patch_cond=true,cell_codes=random (04_model.TextRIN's arguments)")
-    parser.add_argument("--text-encoder", default="own", help="own (a small transformer trained with the net) or "
-                        "frozen: openclip:ARCH[:PRETRAINED_OR_PATH] (e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or "
-                        "t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl); only a projection of it is trained")
-    parser.add_argument("--text-drop", type=world.fraction, default=0.1, help="probability of an empty caption (text CFG)")
-    parser.add_argument("--loss-weight", default="image", choices=["image", "velocity"],
-                        help="image: eq. 2 times t^2, the error of the implied clean image; velocity: eq. 2 as written")
-    parser.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
-    parser.add_argument("--t-shift", type=world.positive, default=1.0,
-                        help="shift t towards noise (s > 1: more steps where the image's layout is decided)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                        help="autocast: auto = bf16 on CUDA (fp16 + GradScaler without bf16), off on CPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--seed", type=world.natural, default=0, help="seed of the initialisation and of every step's draws")
-    parser.add_argument("--log-every", type=world.count, default=25, help="steps between log lines")
-    parser.add_argument("--ckpt-every", type=world.count, default=500, help="steps between checkpoints")
-    parser.add_argument("--eval-every", type=world.natural, default=0,
-                        help="steps between EMA snapshots for 07_eval.py's convergence curves (0: none)")
-    parser.add_argument("--resume", action="store_true", help="continue OUT/runs/RUN from its checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="start OUT/runs/RUN afresh even if it exists")
-    parser.add_argument("--peak-tflops", type=world.non_negative, default=0, help="peak TFLOP/s for MFU (default: known GPU or measured CPU)")
-    parser.add_argument("--benchmark", action="store_true", help="time train steps on random data, print img/s and MFU")
-    parser.add_argument("--bench-presets", default="tiny", help="presets to benchmark, comma-separated")
-    parser.add_argument("--bench-steps", type=world.count, default=10, help="timed steps per benchmark")
-    parser.add_argument("--official", action="store_true", help="also time the released MIRO network (miro-t2i)")
-    args = parser.parse_args()
-    if args.resume and args.overwrite:
-        parser.error("--resume continues a run and --overwrite starts it afresh: pass one of them")
-    bad_presets = [p for p in [args.preset or "tiny"] + args.bench_presets.split(",") if p not in net.PRESETS]
-    if bad_presets:
-        sys.exit(f"{STAGE}: error: unknown preset {', '.join(bad_presets)}; known: {', '.join(net.PRESETS)}")
-    if min(args.steps, args.batch_size, args.log_every, args.ckpt_every) < 1:
-        sys.exit(f"{STAGE}: error: --steps, --batch-size, --log-every and --ckpt-every must be >= 1")
-    benchmark(args) if args.benchmark else train(args)
 
 
 if __name__ == "__main__":

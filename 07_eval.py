@@ -271,9 +271,12 @@ def blend_probe(model, names, t=0.5, blends=11, draws=16, device="cpu"):
     posterior snaps to one colour); one that copies answers the blend. Training images never hold a
     blend, so nothing in training asks for the snap; at sampling, where no colour is named, the first
     steps make one (exposure bias)."""
-    square = lambda colour: torch.as_tensor(world.render({"objects": [
-        {"kind": "square", "colour": colour, "row": 0, "col": 0, "cx": 8.0, "cy": 8.0, "diameter": 11.0}],
-        "relation": None}, model.image_size)).permute(2, 0, 1).float() / 127.5 - 1
+    size = model.image_size
+
+    def square(colour):  # one square in the middle of the top left cell, in [-1, 1]
+        scene = {"objects": [{"kind": "square", "colour": colour, "row": 0, "col": 0, "cx": size / 4, "cy": size / 4,
+                              "diameter": size * 11 / 32}], "relation": None}
+        return torch.as_tensor(world.render(scene, size)).permute(2, 0, 1).float() / 127.5 - 1
     orange, yellow = square("orange"), square("yellow")
     on = (orange - yellow).abs().sum(0) > 0.1  # the square's pixels
     shares = torch.linspace(0, 1, blends)
@@ -352,30 +355,6 @@ def markdown_table(summary, metrics):
                                                 for run, s in summary.items()]))
 
 
-def plot_radar(summary, metrics, ranges, path):
-    """Paper Fig. 4: one axis per metric, each reward placed on the range its training images
-    span (0 = their 1st percentile, 1 = their 99th; ranges from scores.pt), GenEval as is."""
-    angles = np.linspace(0, 2 * np.pi, len(metrics), endpoint=False).tolist()
-    fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"polar": True})
-    for run, s in summary.items():
-        row = []
-        for m in metrics:
-            if m not in ranges:  # GenEval, as it is
-                row.append(s["mean"][m])
-            elif ranges[m][1] > ranges[m][0]:
-                row.append((s["mean"][m] - ranges[m][0]) / (ranges[m][1] - ranges[m][0]))
-            else:  # a reward constant over the training images (a world without its degradation): no range
-                row.append(1.0 if s["mean"][m] >= ranges[m][1] else 0.0)
-        row = np.clip(row, 0, 1.2).tolist()
-        ax.plot(angles + angles[:1], row + row[:1], label=run)
-        ax.fill(angles + angles[:1], row + row[:1], alpha=0.1)
-    ax.set_xticks(angles, metrics, fontsize=8)
-    ax.set_ylim(0, 1.2)
-    ax.set_yticks([0.5, 1.0], ["0.5", "1"], fontsize=7)
-    ax.legend(loc="lower right", bbox_to_anchor=(1.2, -0.1), fontsize=8)
-    save_figure(fig, path)
-
-
 def reward_ranges(out):
     """{reward: (1st, 99th percentile)} of the training images' scores, to place samples on."""
     path = os.path.join(out, "scores.pt")
@@ -384,38 +363,6 @@ def reward_ranges(out):
     scores = world.load_pt(path, ["names", "scores"], STAGE, "02_score.py")
     return {name: tuple(np.nanpercentile(scores["scores"][:, i].numpy(), [1, 99]).tolist())
             for i, name in enumerate(scores["names"])}
-
-
-def plot_curves(evals, metrics, path):
-    """Paper Fig. 5: each metric against training step, one line per run."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 2.8))
-    for ax, metric in zip(np.atleast_1d(axes), metrics):
-        for run, records in evals.items():
-            ax.plot([r["step"] for r in records], [r["eval"][metric] for r in records], marker=".", label=run)
-        ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-    np.atleast_1d(axes)[0].legend(fontsize=7)
-    save_figure(fig, path)
-
-
-def plot_xy(series, xlabel, ylabel, path, logx=False):
-    """One line per entry of series {label: {x: y}}."""
-    fig, ax = plt.subplots(figsize=(4, 3))
-    for label, points in series.items():
-        ax.plot(list(points), list(points.values()), marker="o", label=label)
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
-
-
-def save_figure(fig, path):
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def monotone(values):
@@ -617,6 +564,64 @@ def main():
         sys.exit(f"{STAGE}: error: --cfg-sweep {args.cfg_sweep!r}: write finite weights like 0,1,2,3")
     world.resolve_device(args.device, STAGE)  # before any file is read
     report(args)
+
+
+# ============================================================================= figures
+# matplotlib drawing of the report's numbers (radar, curves, sweeps); nothing is computed here.
+def plot_radar(summary, metrics, ranges, path):
+    """Paper Fig. 4: one axis per metric, each reward placed on the range its training images
+    span (0 = their 1st percentile, 1 = their 99th; ranges from scores.pt), GenEval as is."""
+    angles = np.linspace(0, 2 * np.pi, len(metrics), endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"polar": True})
+    for run, s in summary.items():
+        row = []
+        for m in metrics:
+            if m not in ranges:  # GenEval, as it is
+                row.append(s["mean"][m])
+            elif ranges[m][1] > ranges[m][0]:
+                row.append((s["mean"][m] - ranges[m][0]) / (ranges[m][1] - ranges[m][0]))
+            else:  # a reward constant over the training images (a world without its degradation): no range
+                row.append(1.0 if s["mean"][m] >= ranges[m][1] else 0.0)
+        row = np.clip(row, 0, 1.2).tolist()
+        ax.plot(angles + angles[:1], row + row[:1], label=run)
+        ax.fill(angles + angles[:1], row + row[:1], alpha=0.1)
+    ax.set_xticks(angles, metrics, fontsize=8)
+    ax.set_ylim(0, 1.2)
+    ax.set_yticks([0.5, 1.0], ["0.5", "1"], fontsize=7)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.2, -0.1), fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_curves(evals, metrics, path):
+    """Paper Fig. 5: each metric against training step, one line per run."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 2.8))
+    for ax, metric in zip(np.atleast_1d(axes), metrics):
+        for run, records in evals.items():
+            ax.plot([r["step"] for r in records], [r["eval"][metric] for r in records], marker=".", label=run)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_xy(series, xlabel, ylabel, path, logx=False):
+    """One line per entry of series {label: {x: y}}."""
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for label, points in series.items():
+        ax.plot(list(points), list(points.values()), marker="o", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
 
 
 if __name__ == "__main__":
