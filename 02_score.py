@@ -84,9 +84,13 @@ def detect(images, min_area_frac=24 / 1024, min_mix=0.5):
        confident detections, an object must cover at least half the area of the smallest
        object the world draws (a triangle of 0.6 of a cell, ~46 px at 32 px), so a stray
        patch of colour in a failed sample is not one (nearly every clutter speck is);
-    4. the kind comes from the component's bounding box: a triangle pointing up has its
-       centroid 2/3 of the way down the box (circles and squares 1/2), and a square fills
-       its box (a circle fills pi/4 = 0.79 of it).
+    4. the kind comes from the shape's moments, weighted by how much of each pixel it covers
+       (its mix, over the component and the ring of pixels around it): the skewness of y,
+       -0.57 for a triangle pointing up and 0 for circles and squares, then the four-fold
+       part of the fourth cumulants, (k_xxxx + k_yyyy - 6 k_xxyy) / var^2, -2.4 for a square
+       and 0 for a circle. Both are read the same at a shape's anti-aliased or blurred
+       edges (a Gaussian blur adds nothing to third and fourth cumulants), where a bounding
+       box is not.
     """
     x = as_float(images)  # (B, H, W, 3)
     B, H, W, _ = x.shape
@@ -118,30 +122,43 @@ def detect(images, min_area_frac=24 / 1024, min_mix=0.5):
 
     # Per-component statistics, all images at once: key = image * (H*W) + label.
     ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    image_of = torch.arange(B).view(B, 1, 1).expand(B, H, W)[foreground]
-    keys, comp = torch.unique(image_of * none + label[foreground], return_inverse=True)
+    image_of = torch.arange(B).view(B, 1, 1).expand(B, H, W)
+    keys, comp = torch.unique(image_of[foreground] * none + label[foreground], return_inverse=True)
     n = len(keys)
     px, py = xs.expand(B, H, W)[foreground] + 0.5, ys.expand(B, H, W)[foreground] + 0.5  # pixel centres
 
-    def per_component(values, how):
-        return torch.zeros(n).scatter_reduce(0, comp, values, how, include_self=False)
+    def per_component(values, how="sum", index=comp):
+        return torch.zeros(n, dtype=values.dtype).scatter_reduce(0, index, values, how, include_self=False)
 
-    area = per_component(torch.ones_like(px), "sum")
-    cx, cy = per_component(px, "sum") / area, per_component(py, "sum") / area
-    left, right = per_component(px, "amin") - 0.5, per_component(px, "amax") + 0.5
-    top, bottom = per_component(py, "amin") - 0.5, per_component(py, "amax") + 0.5
-    fill = area / ((right - left) * (bottom - top))  # square 1, circle pi/4, triangle 1/2
-    drop = (cy - top) / (bottom - top)  # centroid's depth in the box: triangle pointing up 2/3, others 1/2
+    area = per_component(torch.ones_like(px))
+    cx, cy = per_component(px) / area, per_component(py) / area
+    # the soft shape: each component and the background pixels touching it, weighted by their mix
+    # towards its colour (a ring pixel between two components goes to the one with the smaller label)
+    grown = label.clone()
+    padded = F.pad(label, (1, 1, 1, 1), value=none)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            grown = torch.minimum(grown, torch.where(foreground, none, padded[:, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]))
+    soft = grown < none
+    index = torch.searchsorted(keys, image_of[soft] * none + grown[soft])
+    weight = mix.view(B, H, W, -1)[soft].gather(1, colour.reshape(-1)[keys][index][:, None])[:, 0].double()
+    qx, qy = xs.expand(B, H, W)[soft].double() + 0.5, ys.expand(B, H, W)[soft].double() + 0.5
+    mean = lambda values: per_component(weight * values, index=index) / per_component(weight, index=index)
+    dx, dy = qx - mean(qx)[index], qy - mean(qy)[index]
+    vx, vy, vxy = mean(dx ** 2), mean(dy ** 2), mean(dx * dy)
+    skew = mean(dy ** 3) / vy ** 1.5  # triangle pointing up -0.57, circle and square 0
+    four = (mean(dx ** 4) - 3 * vx ** 2 + mean(dy ** 4) - 3 * vy ** 2 - 6 * (mean(dx ** 2 * dy ** 2) - vx * vy - 2 * vxy ** 2))
+    four = four / ((vx + vy) / 2) ** 2  # square -2.4, circle 0
     comp_colour = colour.reshape(-1)[keys]  # a component's label is the index of one of its pixels
 
     names = list(world.COLOURS)
     scenes = [[] for _ in range(B)]
     keep = (area >= min_area_frac * H * W).nonzero().flatten().tolist()
     for j in keep:
-        kind = "triangle" if drop[j] > 0.585 else "square" if fill[j] > 0.93 else "circle"
+        kind = "triangle" if skew[j] < -0.28 else "square" if four[j] < -1.2 else "circle"
         scenes[int(keys[j]) // none].append({"colour": names[comp_colour[j]], "kind": kind, "cx": float(cx[j]),
-                                             "cy": float(cy[j]), "area": int(area[j]), "fill": float(fill[j]),
-                                             "drop": float(drop[j])})
+                                             "cy": float(cy[j]), "area": int(area[j]), "skew": float(skew[j]),
+                                             "four": float(four[j])})
     return scenes
 
 

@@ -123,3 +123,21 @@ def test_brief_captions_state_less_and_leave_the_rest_unchanged():
     rng = np.random.default_rng(7)  # the stream of the images and the other captions, drawn as before
     scene = world.sample_scene(rng, 32)
     assert scene == scenes[0]
+
+
+@pytest.mark.parametrize("degradation,level", [("blur", 1.0), ("noise", 20.0)])
+def test_detector_reads_kinds_through_blur_and_noise(degradation, level):
+    """The kind comes from moments that blur leaves alone, not from a bounding box: a blurred or noisy
+    square is still a square (a bounding box read about half the noisy squares as circles)."""
+    rng = np.random.default_rng(7)
+    scenes = [world.sample_scene(rng, 32) for _ in range(300)]
+    settings = [dict(world.NO_DEGRADATION, **{degradation: level}) for _ in scenes]
+    images = world.degrade(np.stack([world.render(s, 32) for s in scenes]), settings, rng)
+    right, total = {k: 0 for k in world.KINDS}, {k: 0 for k in world.KINDS}
+    for scene, found in zip(scenes, scoring.detect(images)):
+        for o in scene["objects"]:
+            near = [f for f in found if f["colour"] == o["colour"] and abs(f["cx"] - o["cx"]) + abs(f["cy"] - o["cy"]) < 4]
+            total[o["kind"]] += 1
+            right[o["kind"]] += bool(near) and near[0]["kind"] == o["kind"]
+    share = {k: right[k] / total[k] for k in world.KINDS}
+    assert min(share.values()) >= 0.85, f"kinds read right through {degradation}: {share}"
