@@ -266,7 +266,7 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, patch_hidden=4, pixel_refine=0, refine_below=1.0):
+                 patch_mlp=False, patch_attend=False, patch_hidden=4):
         super().__init__()
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
@@ -293,15 +293,6 @@ class TextRIN(nn.Module):
         self.patch_norm = RMSNorm(data_dim)
         self.out_norm = RMSNorm(data_dim)
         self.patch_out = mlp(data_dim, hidden, patch_values) if patch_mlp else nn.Linear(data_dim, patch_values)
-        # pixel_refine=C: three convolutions over [the patches' image, the best linear guess of the image
-        # from x_t, t] add a correction to the image, at full resolution (the last one starts at zero: at
-        # first the network is the patch one). A shape's edge is the same few weights at any place, and an
-        # almost clean input can be copied pixel for pixel instead of through the token.
-        self.pixel_refine, self.refine_below = pixel_refine, refine_below
-        if pixel_refine:
-            conv = lambda a, b: nn.Conv2d(a, b, 3, padding=1)
-            self.pixel_head = nn.Sequential(conv(7, pixel_refine), nn.SiLU(), conv(pixel_refine, pixel_refine),
-                                            nn.SiLU(), conv(pixel_refine, 3))
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
         self.prev_norm, self.prev_proj = RMSNorm(latent_dim), nn.Linear(latent_dim, latent_dim)
@@ -327,9 +318,6 @@ class TextRIN(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.zeros_(self.prev_proj.weight)
-        if pixel_refine:
-            nn.init.zeros_(self.pixel_head[-1].weight)
-            nn.init.zeros_(self.pixel_head[-1].bias)
         if zero_init:  # every residual branch starts as the identity (its last layer at zero)
             for module in self.modules():
                 if isinstance(module, Block):
@@ -376,20 +364,11 @@ class TextRIN(nn.Module):
             patches, latents = block(patches, latents, cond, cond_mask)
         out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)
         out = out.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
-        if self.pixel_refine:
-            out = out + self.refine(out, x_t, t)
         if self.prediction == "x":  # out is the clean image
             return velocity_from_image(x_t, out, t), latents
         c_skip, c_out = skip_scales(t, self.sigma_data)
         return c_skip * x_t + c_out * out, latents
 
-    def refine(self, image, x_t, t):
-        """The correction (B, 3, H, W) of pixel_refine, from the patches' image, x_t and t."""
-        tt = t.to(x_t.dtype).view(-1, 1, 1, 1)
-        s2 = self.sigma_data ** 2  # the best linear guess of the clean image from x_t: x_t itself near t = 0,
-        x_lin = x_t * (1 - tt) * s2 / ((1 - tt) ** 2 * s2 + tt ** 2)  # nothing near t = 1 (no noise let through)
-        x_lin = x_lin * torch.sigmoid((self.refine_below - tt) / 0.05)  # shown only below t = refine_below
-        return self.pixel_head(torch.cat([image, x_lin, tt.expand(-1, 1, *x_t.shape[2:])], 1))
 
     def forward(self, x_t, t, levels, text_ids, prev_latents=None, self_cond=None):
         """With self_cond (B,) (training): a first pass without gradients makes a guess, and the
