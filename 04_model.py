@@ -266,7 +266,7 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, patch_hidden=4, conv_stem=0):
+                 patch_mlp=False, patch_attend=False, patch_hidden=4):
         super().__init__()
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
@@ -279,16 +279,7 @@ class TextRIN(nn.Module):
         # patch_mlp: a hidden layer (4 x data_dim) on each side, so that a token can code a sharp shape at any
         # sub-pixel place (a curved family of images) instead of a blend of fixed linear pieces
         hidden = patch_hidden * data_dim
-        # conv_stem=C: two 3x3 convolutions read x_t at full resolution first (C channels at half
-        # resolution, the second with stride 2): the same edge and colour detectors at every place,
-        # so that a faint shape in noise is found wherever it sits in its patch
-        self.stem = None
-        if conv_stem:
-            self.stem = nn.Sequential(nn.Conv2d(3, conv_stem, 3, padding=1), nn.SiLU(),
-                                      nn.Conv2d(conv_stem, conv_stem, 3, stride=2, padding=1), nn.SiLU())
-            patch_values = conv_stem * (patch_size // 2) ** 2
         self.patch_in = mlp(patch_values, hidden, data_dim) if patch_mlp else nn.Linear(patch_values, data_dim)
-        patch_values = 3 * patch_size ** 2  # what patch_out draws
         # learned positions, started as strong as the normalised patches: with a small random start the
         # network cannot tell where a patch is for its first thousand or so steps. 2-D sin/cos codes of a
         # few positions are near copies of each other (their slow channels barely move); "random" codes
@@ -357,12 +348,7 @@ class TextRIN(nn.Module):
         """x_t (B, 3, H, W) in [-1, 1] scale, t (B,), levels (B, R) -> v (B, 3, H, W), latents (B, n, D)."""
         B, _, H, W = x_t.shape
         p = self.patch_size
-        if self.stem is not None:
-            h = self.stem(x_t)                                                   # (B, C, H/2, W/2)
-            q, C = p // 2, h.shape[1]
-            patches = h.reshape(B, C, H // p, q, W // p, q).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, C * q * q)
-        else:
-            patches = x_t.reshape(B, 3, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, 3 * p * p)
+        patches = x_t.reshape(B, 3, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, 3 * p * p)
         patches = self.patch_norm(self.patch_in(patches)) + self.patch_pos       # (B, P, data_dim)
         latents = self.latents.expand(B, -1, -1)                                 # (B, n, latent_dim)
         if prev_latents is None:  # no previous pass: zeros, as for the 10% of training without one
