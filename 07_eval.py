@@ -55,7 +55,7 @@ import torch
 
 world = importlib.import_module("01_caption")  # colours, kinds, the 2x2 layout, captions
 rewards = importlib.import_module("02_score")  # the detector, the relation test, the rewards
-net = importlib.import_module("04_model")       # the tokenizer (the decide-or-copy probe)
+net = importlib.import_module("04_model")       # the tokenizer (the contrast probe)
 sampler = importlib.import_module("06_sample")  # guided sampling (paper eq. 3)
 STAGE = "07_eval.py"
 
@@ -63,6 +63,7 @@ TASKS = ("single_object", "two_object", "counting", "colors", "position", "color
 # The tasks a world can draw: one object an image asks for no second object, count or relation.
 WORLD_TASKS = {"one": ("single_object", "colors"), "clean": TASKS, "full": TASKS}
 PER_TASK = 64          # prompts per task (GenEval has 80 to 100)
+PROBE_TS, PROBE_SEED = (0.05, 0.5, 0.8), 12345  # the contrast probe's noise levels and its images' seed
 COUNTS = (2, 3, 4)     # counting asks for 2 to 4, like GenEval; 4 fills the layout
 WORDS = ("left of", "right of", "above", "below")
 GRID_COLUMNS = 8       # images per task in the report's grid of GenEval-style samples
@@ -265,33 +266,30 @@ def sweep(model, names, reward, settings, n_prompts, steps, seed, neg_text, devi
 
 
 @torch.no_grad()
-def blend_probe(model, names, t=0.5, blends=11, draws=16, device="cpu"):
-    """Does the network decide or copy? A square blended between orange (share 1) and yellow (0),
-    noised to t, captioned "a square." (no colour named), at the top reward target: the orange share
-    of the network's clean-image estimate, per blend. A network that decides answers near 0 or 1 (the
-    posterior snaps to one colour); one that copies answers the blend. Training images never hold a
-    blend, so nothing in training asks for the snap; at sampling, where no colour is named, the first
-    steps make one (exposure bias)."""
-    size = model.image_size
-
-    def square(colour):  # one square in the middle of the top left cell, in [-1, 1]
-        scene = {"objects": [{"kind": "square", "colour": colour, "row": 0, "col": 0, "cx": size / 4, "cy": size / 4,
-                              "diameter": size * 11 / 32}], "relation": None}
-        return torch.as_tensor(world.render(scene, size)).permute(2, 0, 1).float() / 127.5 - 1
-    orange, yellow = square("orange"), square("yellow")
-    on = (orange - yellow).abs().sum(0) > 0.1  # the square's pixels
-    shares = torch.linspace(0, 1, blends)
-    x = torch.stack([a * orange + (1 - a) * yellow for a in shares]).repeat_interleave(draws, 0)
+def contrast_probe(model, names, ts=PROBE_TS, n=64, device="cpu"):
+    """How much of an object does the network keep? n fresh one-object images of the world, noised to each
+    t, at the top reward target, captioned with their colour and kind ("a red circle.") and without the
+    colour ("a circle."): the share of the object's contrast (its difference from the background) the
+    clean-image estimate keeps, (x_hat - bg) . (x - bg) / |x - bg|^2, averaged. 1 keeps the object; below 1
+    every sampling step fades it a little (an Euler step lands on x_s = (s/t) x_t + (1 - s/t) x_hat), and the
+    fades multiply: an object drawn by mid-sampling can be gone at t = 0. {"named": [per t], "colour-free": [...]}"""
+    images, captions = world.make_shapes(n, model.image_size, seed=PROBE_SEED, world="one", progress=False)
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    background = torch.tensor(world.BACKGROUND).float().view(1, 3, 1, 1) / 127.5 - 1
+    kinds = [m["scene"]["objects"][0]["kind"] for m in captions["meta"]]
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    x_t = ((1 - t) * x + t * noise).to(device)
-    ids = net.tokenize(["a square."] * len(x), model.text_len, model.text_encoder).to(device)
-    tokens, mask = model.encode_text(ids)
-    levels = torch.ones(len(x), len(names), device=device)
-    v, _ = model.denoise(x_t, torch.full((len(x),), t, device=device), levels, tokens, mask)
-    x_hat = (x_t - t * v.float()).cpu()
-    axis = (orange - yellow)[:, on]
-    share = ((x_hat[:, :, on] - yellow[:, on]) * axis).sum((1, 2)) / axis.square().sum()
-    return share.view(blends, draws).mean(1).tolist()
+    levels = torch.ones(n, len(names), device=device)
+    out = {}
+    for label, prompts in (("named", captions["short"]), ("colour-free", [f"a {k}." for k in kinds])):
+        tokens, mask = model.encode_text(net.tokenize(prompts, model.text_len, model.text_encoder).to(device))
+        kept = []
+        for t in ts:
+            x_t = ((1 - t) * x + t * noise).to(device)
+            v, _ = model.denoise(x_t, torch.full((n,), t, device=device), levels, tokens, mask)
+            x_hat, obj = (x_t - t * v.float()).cpu() - background, x - background
+            kept.append(float(((x_hat * obj).sum((1, 2, 3)) / obj.square().sum((1, 2, 3))).mean()))
+        out[label] = kept
+    return out
 
 
 def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, path, world_name="full",
@@ -411,7 +409,7 @@ def write_report(args, runs, device, eval_dir):
         summary[run] = {"mean": {m: float(np.mean([r[m] for r in per_seed])) for m in metrics},
                         "std": {m: float(np.std([r[m] for r in per_seed])) for m in metrics}}
         results["runs"][run] = {"step": ckpt["step"], "rewards": ckpt["reward_names"], "seeds": per_seed, **summary[run],
-                                "blend_probe": blend_probe(model, ckpt["reward_names"], device=device)}
+                                "contrast_probe": contrast_probe(model, ckpt["reward_names"], device=device)}
         print(f"{run} (step {ckpt['step']}): " + ", ".join(f"{m} {summary[run]['mean'][m]:.3f}"
                                                           for m in all_rewards + ["overall"]))
 
@@ -423,11 +421,12 @@ def write_report(args, runs, device, eval_dir):
           "stated colour+kind is there; exact_counts, relation: the stated ones that hold; nothing_else: no unstated "
           "object; objects: detected and stated per image; other_caption: the alignment reward against another "
           "caption, the chance level):\n", markdown_table(summary, list(FACTS)), "",
-          "Decide or copy? A square blended between orange (1) and yellow (0), noised to t = 0.5 and captioned "
-          "\"a square.\": the orange share of each run's clean-image estimate, per blend (a network that decides "
-          "answers near 0 or 1, one that copies answers the blend):\n",
-          *table(["run", *(f"{a:.1f}" for a in np.linspace(0, 1, 11))],
-                 [[run, *(f"{v:.2f}" for v in results["runs"][run]["blend_probe"])] for run in runs]), ""]
+          "How much of an object does each run keep? Fresh one-object images noised to t: the share of the "
+          "object's contrast the clean-image estimate keeps (1: all; below 1 every sampling step fades the object "
+          "a little, and the fades multiply):\n",
+          *table(["run", "caption", *(f"t = {t:g}" for t in PROBE_TS)],
+                 [[run, label, *(f"{v:.3f}" for v in kept)] for run in runs
+                  for label, kept in results["runs"][run]["contrast_probe"].items()]), ""]
     ranges = reward_ranges(args.out)
     plot_radar(summary, all_rewards + ["overall"], ranges, os.path.join(eval_dir, "radar.png"))
     results["reward_ranges"] = ranges

@@ -48,7 +48,7 @@ def test_training_snapshots_are_evaluated_by_07(runs):
     """05 saves EMA snapshots (--eval-every) and 07 evaluates them: reward against step, with no
     later stage imported by 05."""
     model, ckpt = ev.sampler.load_run(runs, "miro")
-    args = argparse.Namespace(cfg=1.0, steps=2, curve_per_task=1, curve_captions=2, neg_text="keep")
+    args = argparse.Namespace(cfg=1.0, steps=2, curve_per_task=1, curve_captions=2, neg_text="keep", method="heun")
     evals = ev.snapshot_evals(runs, "miro", model, ckpt["reward_names"], args, "full", "cpu")
     assert [r["step"] for r in evals] == [1, 2]
     assert set(ev.rewards.REWARDS) | set(ev.TASKS) | {"overall"} <= set(evals[0]["eval"])
@@ -78,7 +78,7 @@ def test_report_end_to_end(runs):
     for figure in ("radar", "curves", "best_of", "sweep", "cfg", "isolation", "geneval_miro", "geneval_baseline"):
         assert (eval_dir / f"{figure}.png").exists() and f"({figure}.png)" in report
     assert "| miro |" in report and "| baseline |" in report and "reward hacking" in report
-    assert "Decide or copy" in report and len(miro["blend_probe"]) == 11
+    assert "How much of an object" in report and len(miro["contrast_probe"]["colour-free"]) == len(ev.PROBE_TS)
 
 
 def test_a_failed_report_leaves_the_last_one_whole(runs, tmp_path):
@@ -113,21 +113,23 @@ def test_bad_input_fails_in_one_line(runs, tmp_path):
     fails_in_one_line("07_eval.py", "--out", tmp_path, expect=["no trained run", "05_train.py"])
 
 
-def test_blend_probe_tells_a_network_that_decides_from_one_that_copies():
-    """Known answers: a network whose clean-image estimate is always the orange square answers 1 for
-    every blend; one that hands back its input's image (x_t / (1 - t)) answers the blend itself."""
+def test_contrast_probe_reads_how_much_of_an_object_a_network_keeps():
+    """Known answers: a network whose clean-image estimate is the background alone keeps 0 of every
+    object; one that hands back its input's image (x_t / (1 - t)) at half the contrast keeps 0.5 (its
+    noise averages out over the probe's images)."""
     net = stage("04_model")
     model, _ = net.build("tiny", 0)
-    orange = ev.world.render({"objects": [{"kind": "square", "colour": "orange", "row": 0, "col": 0, "cx": 8.0,
-                                           "cy": 8.0, "diameter": 11.0}], "relation": None}, 32)
-    orange = torch.as_tensor(orange).permute(2, 0, 1).float() / 127.5 - 1
+    background = torch.tensor(ev.world.BACKGROUND).float().view(1, 3, 1, 1) / 127.5 - 1
 
-    def decides(x_t, t, levels, tokens, mask, prev=None):  # v such that x_hat = x_t - t v = orange
-        return (x_t - orange) / t.view(-1, 1, 1, 1), None
+    def nothing(x_t, t, levels, tokens, mask, prev=None):  # v such that x_hat = x_t - t v = background
+        return (x_t - background) / t.view(-1, 1, 1, 1), None
 
-    def copies(x_t, t, levels, tokens, mask, prev=None):   # x_hat = x_t / (1 - t)
-        return (x_t - x_t / (1 - t.view(-1, 1, 1, 1))) / t.view(-1, 1, 1, 1), None
-    model.denoise = decides
-    assert np.allclose(ev.blend_probe(model, []), 1.0, atol=1e-4)
-    model.denoise = copies
-    assert np.allclose(ev.blend_probe(model, [], draws=64), np.linspace(0, 1, 11), atol=0.05)
+    def half(x_t, t, levels, tokens, mask, prev=None):     # x_hat = background + (x_t / (1 - t) - background) / 2
+        t = t.view(-1, 1, 1, 1)
+        return (x_t - background - (x_t / (1 - t) - background) / 2) / t, None
+    model.denoise = nothing
+    kept = ev.contrast_probe(model, [])
+    assert set(kept) == {"named", "colour-free"} and np.allclose(kept["named"] + kept["colour-free"], 0, atol=1e-5)
+    model.denoise = half
+    kept = ev.contrast_probe(model, [])
+    assert np.allclose(kept["named"], 0.5, atol=0.05) and kept["named"] == kept["colour-free"], kept
