@@ -9,7 +9,7 @@ import pytest
 from conftest import run, stage
 
 ev, sampler = stage("07_eval"), stage("06_sample")
-STEPS = 500            # the default recipe at batch 16: about half of what the main job trains on this world
+STEPS = 400            # the default recipe at batch 16: half of what the main job trains on this world
 COLORS_AT_LEAST = 0.4  # "a blue circle.": right colour and kind; chance is about 1 in 18, a lost caption scores 0.15 or less
 
 
