@@ -136,9 +136,9 @@ def detect(images, min_area_frac=24 / 1024, min_mix=0.5):
     # towards its colour (a ring pixel between two components goes to the one with the smaller label)
     grown = label.clone()
     padded = F.pad(label, (1, 1, 1, 1), value=none)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            grown = torch.minimum(grown, torch.where(foreground, none, padded[:, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]))
+    for oy in (0, 1, 2):  # the 8 neighbours (and the pixel itself)
+        for ox in (0, 1, 2):
+            grown = torch.minimum(grown, torch.where(foreground, none, padded[:, oy:oy + H, ox:ox + W]))
     soft = grown < none
     index = torch.searchsorted(keys, image_of[soft] * none + grown[soft])
     weight = mix.view(B, H, W, -1)[soft].gather(1, colour.reshape(-1)[keys][index][:, None])[:, 0].double()
@@ -147,8 +147,9 @@ def detect(images, min_area_frac=24 / 1024, min_mix=0.5):
     dx, dy = qx - mean(qx)[index], qy - mean(qy)[index]
     vx, vy, vxy = mean(dx ** 2), mean(dy ** 2), mean(dx * dy)
     skew = mean(dy ** 3) / vy ** 1.5  # triangle pointing up -0.57, circle and square 0
-    four = (mean(dx ** 4) - 3 * vx ** 2 + mean(dy ** 4) - 3 * vy ** 2 - 6 * (mean(dx ** 2 * dy ** 2) - vx * vy - 2 * vxy ** 2))
-    four = four / ((vx + vy) / 2) ** 2  # square -2.4, circle 0
+    k_xxxx, k_yyyy = mean(dx ** 4) - 3 * vx ** 2, mean(dy ** 4) - 3 * vy ** 2  # fourth cumulants
+    k_xxyy = mean(dx ** 2 * dy ** 2) - vx * vy - 2 * vxy ** 2
+    four = (k_xxxx + k_yyyy - 6 * k_xxyy) / ((vx + vy) / 2) ** 2  # square -2.4, circle 0
     comp_colour = colour.reshape(-1)[keys]  # a component's label is the index of one of its pixels
 
     names = list(world.COLOURS)
