@@ -192,6 +192,15 @@ def skip_scales(t, sigma_data):
     return c_skip, (1 + s2 - c_skip * cov).clamp_min(1e-8).sqrt()
 
 
+def image_skip(t, error):
+    """x_t / (1 - t) is the image plus noise of std t / (1 - t); a guess with error std `error` gets the
+    inverse-variance weight 1 - a, a = error^2 (1 - t)^2 / (error^2 (1 - t)^2 + t^2). Returns (a / (1 - t), a),
+    each (B, 1, 1, 1): x_hat = (a / (1 - t)) x_t + (1 - a) guess, finite at t = 1."""
+    t = t.float().view(-1, 1, 1, 1)
+    denominator = error ** 2 * (1 - t) ** 2 + t ** 2
+    return error ** 2 * (1 - t) / denominator, error ** 2 * (1 - t) ** 2 / denominator
+
+
 def velocity_from_image(x_t, x_hat, t):
     """v = (x_t - x_hat) / t: the velocity of the straight path from x_hat through x_t, the
     target eps - x exactly when x_hat = x (x_t = (1 - t) x + t eps); t clamped at T_MIN."""
@@ -266,8 +275,9 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, patch_hidden=4):
+                 patch_mlp=False, patch_attend=False, patch_hidden=4, x_skip=0.0, interface="learned"):
         super().__init__()
+        self.x_skip, self.interface = x_skip, interface
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
         if cell_codes not in ("sincos", "random"):
@@ -324,6 +334,27 @@ class TextRIN(nn.Module):
                     nn.init.zeros_(module.attn.out.weight)
                     nn.init.zeros_(module.mlp.down.weight)
 
+    def patchify(self, x):
+        """(B, 3, H, W) -> (B, P, 3 p p), patches in row-major order."""
+        B, _, H, W = x.shape
+        p = self.patch_size
+        return x.reshape(B, 3, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, 3 * p * p)
+
+    @torch.no_grad()
+    def fit_interface(self, images):
+        """Start the (linear) interface from the principal components of the training patches, images
+        (N, 3, H, W) in [-1, 1]: patch_in projects a patch on the data_dim leading components, patch_out
+        maps channels of unit variance back to patches (component k scaled by its std)."""
+        patches = self.patchify(images.float()).reshape(-1, self.patch_in.in_features)
+        mean = patches.mean(0)
+        _, S, V = torch.linalg.svd(patches - mean, full_matrices=False)
+        k = self.patch_in.out_features
+        basis, std = V[:k], S[:k] / math.sqrt(len(patches) - 1)
+        self.patch_in.weight.copy_(basis)
+        self.patch_in.bias.copy_(-basis @ mean)
+        self.patch_out.weight.copy_((basis * std[:, None]).T)
+        self.patch_out.bias.copy_(mean)
+
     def encode_text(self, ids):
         """ids (B, L) -> text tokens (B, L, latent_dim), mask (B, L): all the denoiser sees of the caption."""
         if self.text_encoder == "own":
@@ -348,8 +379,7 @@ class TextRIN(nn.Module):
         """x_t (B, 3, H, W) in [-1, 1] scale, t (B,), levels (B, R) -> v (B, 3, H, W), latents (B, n, D)."""
         B, _, H, W = x_t.shape
         p = self.patch_size
-        patches = x_t.reshape(B, 3, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, 3 * p * p)
-        patches = self.patch_norm(self.patch_in(patches)) + self.patch_pos       # (B, P, data_dim)
+        patches = self.patch_norm(self.patch_in(self.patchify(x_t))) + self.patch_pos       # (B, P, data_dim)
         latents = self.latents.expand(B, -1, -1)                                 # (B, n, latent_dim)
         if prev_latents is None:  # no previous pass: zeros, as for the 10% of training without one
             prev_latents = torch.zeros_like(latents)
@@ -365,6 +395,9 @@ class TextRIN(nn.Module):
         out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)
         out = out.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
         if self.prediction == "x":  # out is the clean image
+            if self.x_skip:  # near t = 0, x_t / (1 - t) is a better guess than the network's: mix it in
+                c_skip, a = image_skip(t, self.x_skip)
+                out = c_skip * x_t + (1 - a) * out
             return velocity_from_image(x_t, out, t), latents
         c_skip, c_out = skip_scales(t, self.sigma_data)
         return c_skip * x_t + c_out * out, latents

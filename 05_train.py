@@ -307,6 +307,9 @@ def train(args):
         ema = net.rebuild(model_args, checkpoint["ema"], ckpt_path, STAGE).to(device).requires_grad_(False)
     else:
         raw_model = net.TextRIN(**model_args).to(device)
+        if model_args.get("interface") == "pca":
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:2048].sort().values
+            raw_model.fit_interface(torch.from_numpy(images[pick.numpy()]).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1)
         ema = copy.deepcopy(raw_model).requires_grad_(False)
     optimizer = make_optimizer(raw_model, args, device)
     step = 0

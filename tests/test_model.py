@@ -171,6 +171,32 @@ def test_raw_output_is_the_image_or_the_skip_residual(prediction):
     assert torch.allclose(v, expect, atol=1e-5)
 
 
+def test_image_skip_weighs_x_t_against_the_guess_by_their_errors():
+    """x_hat = (a / (1 - t)) x_t + (1 - a) F: all x_t at t = 0, none at t = 1, equal weights where x_t / (1 - t)
+    has the guess's error std (t / (1 - t) = error)."""
+    t = torch.tensor([0.0, 1 / 11, 1.0])  # t / (1 - t) = 0.1 at t = 1/11
+    c_skip, a = net.image_skip(t, 0.1)
+    assert torch.allclose(a.flatten(), torch.tensor([1.0, 0.5, 0.0]))
+    assert torch.allclose(c_skip.flatten(), a.flatten() / (1 - t).clamp_min(1e-9) * (t < 1))
+
+
+def test_pca_interface_hands_back_patches_of_its_subspace():
+    """fit_interface on images whose patches lie in a data_dim-wide subspace: patch_out undoes patch_in once
+    each channel is divided by its std, so patch_out(patch_in(p) / std) = p for every such patch."""
+    model, _ = tiny(0, patch_mlp=False, interface="pca", data_dim=16)
+    torch.manual_seed(0)
+    basis, mean = torch.linalg.qr(torch.randn(768, 16))[0].T, torch.randn(768) * 0.1  # 16 directions
+    coords = torch.randn(512, 16) * torch.linspace(2, 0.5, 16)
+    patches = coords @ basis + mean                                          # (512 patches, 768)
+    images = patches.view(128, 2, 2, 16, 16, 3).permute(0, 5, 1, 3, 2, 4).reshape(128, 3, 32, 32)
+    assert torch.allclose(model.patchify(images).reshape(-1, 768), patches)
+    model.fit_interface(images)
+    with torch.no_grad():
+        channels = model.patch_in(patches)
+        std = channels.std(0)
+        assert torch.allclose(model.patch_out(channels / std), patches, atol=1e-4)
+
+
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_self_conditioned_step_reaches_every_parameter(amp):
     """The first pass runs under no_grad; inside autocast that must not starve any weight of gradient."""
