@@ -63,13 +63,16 @@ from torch.utils.flop_counter import FlopCounterMode
 # interface (256 tokens of width 256) is our choice for 256 px images. `tiny` cuts its 32 px
 # images into 16x16-pixel patches, one token per cell of the shapes world's 2x2 layout, and
 # predicts the clean image: with 4x4-pixel patches and v-prediction each patch denoised on
-# its own and samples came out as patches of colour, not shapes. Its patches read the caption
-# themselves (patch_cond) through a hidden layer on each side (patch_mlp), start from distinct
-# cell codes, and 16 latents are enough for four cells (a cheaper step buys more steps).
+# its own and samples came out as patches of colour, not shapes. Its interface starts from the
+# principal components of the training patches (interface="pca", fit_interface): a 768-value
+# patch of the shapes world lies close to a 256-wide subspace, which PCA finds at once and
+# gradient descent only after thousands of steps. Its patches read the caption themselves
+# (patch_cond), start from distinct cell codes, and 16 latents are enough for four cells (a
+# cheaper step buys more steps).
 PRESETS = {
     "tiny": dict(image_size=32, patch_size=16, data_dim=256, latent_dim=128, num_latents=16, num_blocks=2,
                  num_layers=2, heads=4, text_dim=128, text_layers=2, text_len=64, prediction="x", patch_cond=True,
-                 cell_codes="random", patch_mlp=True),
+                 cell_codes="random", interface="pca"),
     "small": dict(image_size=64, patch_size=4, data_dim=256, latent_dim=512, num_latents=128, num_blocks=4,
                   num_layers=2, heads=8, text_dim=512, text_layers=4, text_len=64),
     "paper": dict(image_size=256, patch_size=16, data_dim=256, latent_dim=1024, num_latents=256, num_blocks=4,
@@ -280,13 +283,16 @@ class TextRIN(nn.Module):
         self.x_skip, self.interface = x_skip, interface
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
+        if interface not in ("learned", "pca") or (interface == "pca" and (patch_mlp or data_dim > 3 * patch_size ** 2)):
+            raise ValueError(f"interface must be 'learned', or 'pca' for a linear interface no wider than a patch's "
+                             f"{3 * patch_size ** 2} values, not {interface!r} (patch_mlp={patch_mlp}, data_dim={data_dim})")
         if cell_codes not in ("sincos", "random"):
             raise ValueError(f"cell_codes must be 'sincos' or 'random', not {cell_codes!r}")
         self.sigma_data, self.text_encoder, self.prediction = sigma_data, text_encoder, prediction
         self.image_size, self.patch_size, self.num_rewards, self.text_len = image_size, patch_size, num_rewards, text_len
         num_patches, patch_values = (image_size // patch_size) ** 2, 3 * patch_size ** 2
-        # interface: patches in and out
-        # patch_mlp: a hidden layer (4 x data_dim) on each side, so that a token can code a sharp shape at any
+        # interface: patches in and out, linear (started from PCA with interface="pca", by fit_interface)
+        # or, with patch_mlp, a hidden layer (4 x data_dim) on each side, so that a token can code a sharp shape at any
         # sub-pixel place (a curved family of images) instead of a blend of fixed linear pieces
         hidden = patch_hidden * data_dim
         self.patch_in = mlp(patch_values, hidden, data_dim) if patch_mlp else nn.Linear(patch_values, data_dim)
@@ -342,17 +348,18 @@ class TextRIN(nn.Module):
 
     @torch.no_grad()
     def fit_interface(self, images):
-        """Start the (linear) interface from the principal components of the training patches, images
+        """Start the linear interface from the principal components of the training patches, images
         (N, 3, H, W) in [-1, 1]: patch_in projects a patch on the data_dim leading components, patch_out
-        maps channels of unit variance back to patches (component k scaled by its std)."""
+        maps channels of unit variance back to patches (component k scaled by its std). With fewer
+        patches than data_dim, the channels past their count keep their random start."""
         patches = self.patchify(images.float()).reshape(-1, self.patch_in.in_features)
         mean = patches.mean(0)
         _, S, V = torch.linalg.svd(patches - mean, full_matrices=False)
-        k = self.patch_in.out_features
-        basis, std = V[:k], S[:k] / math.sqrt(len(patches) - 1)
-        self.patch_in.weight.copy_(basis)
-        self.patch_in.bias.copy_(-basis @ mean)
-        self.patch_out.weight.copy_((basis * std[:, None]).T)
+        k = min(self.patch_in.out_features, len(V))
+        basis, std = V[:k], S[:k] / math.sqrt(max(1, len(patches) - 1))
+        self.patch_in.weight[:k] = basis
+        self.patch_in.bias.copy_(-self.patch_in.weight @ mean)
+        self.patch_out.weight[:, :k] = (basis * std[:, None]).T
         self.patch_out.bias.copy_(mean)
 
     def encode_text(self, ids):

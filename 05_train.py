@@ -307,9 +307,10 @@ def train(args):
         ema = net.rebuild(model_args, checkpoint["ema"], ckpt_path, STAGE).to(device).requires_grad_(False)
     else:
         raw_model = net.TextRIN(**model_args).to(device)
-        if model_args.get("interface") == "pca":
+        if model_args.get("interface") == "pca":  # the interface starts from the PCA of 2,048 training images' patches
             pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:2048].sort().values
-            raw_model.fit_interface(torch.from_numpy(images[pick.numpy()]).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1)
+            sample = torch.from_numpy(images[pick.numpy()]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            raw_model.fit_interface(sample)
         ema = copy.deepcopy(raw_model).requires_grad_(False)
     optimizer = make_optimizer(raw_model, args, device)
     step = 0
