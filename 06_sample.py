@@ -101,11 +101,11 @@ class Guided:
     the previous call, as in training, where the network sees its own earlier guess.
     """
 
-    def __init__(self, model, ids, s_plus, s_minus, cfg, neg_text="keep"):
+    def __init__(self, model, ids, s_plus, s_minus, cfg, neg_text="keep", cfg_max_t=1.0):
         B = len(ids)
         drop = neg_text == "drop" or model.num_rewards == 0
         neg_ids = net.tokenize([""], ids.shape[1], model.text_encoder).to(ids.device).expand(B, -1) if drop else ids
-        self.model, self.cfg, self.guided = model, cfg, cfg != 0
+        self.model, self.cfg, self.guided, self.cfg_max_t = model, cfg, cfg != 0, cfg_max_t
         ids2 = torch.cat([ids, neg_ids]) if self.guided else ids
         self.tokens, self.mask = model.encode_text(ids2)  # text is encoded once for all steps
         self.levels = torch.cat([s_plus, s_minus]) if self.guided else s_plus  # (2B or B, R)
@@ -120,7 +120,8 @@ class Guided:
         if not self.guided:
             return v
         v_pos, v_neg = v.chunk(2)
-        return v_pos + self.cfg * (v_pos - v_neg)
+        w = self.cfg if t <= self.cfg_max_t else 0.0  # cfg_max_t < 1: no guidance at the noisiest steps
+        return v_pos + w * (v_pos - v_neg)
 
 
 def integrate(velocity, noise, steps, method="euler"):
@@ -141,10 +142,11 @@ def integrate(velocity, noise, steps, method="euler"):
 
 
 @torch.no_grad()
-def sample(model, ids, s_plus, s_minus, cfg, noise, steps=50, method="euler", neg_text="keep", autocast=None):
+def sample(model, ids, s_plus, s_minus, cfg, noise, steps=50, method="euler", neg_text="keep", autocast=None,
+           cfg_max_t=1.0):
     """Images in [-1, 1] (B, 3, H, W) for token ids (B, L) and targets s+/s- (B, R)."""
     with autocast or torch.autocast(noise.device.type, enabled=False):
-        guided = Guided(model, ids, s_plus, s_minus, cfg, neg_text)
+        guided = Guided(model, ids, s_plus, s_minus, cfg, neg_text, cfg_max_t)
         return integrate(guided, noise, steps, method).clamp(-1, 1)
 
 
@@ -154,7 +156,7 @@ def to_uint8(x):
 
 
 def generate(model, prompts, s_plus, s_minus, cfg, seed, steps=50, method="euler", neg_text="keep",
-             batch_size=64, device="cpu", progress=False):
+             batch_size=64, device="cpu", progress=False, cfg_max_t=1.0):
     """uint8 images (N, H, W, 3) for N prompts and targets (N, R); image i's noise comes from
     (seed, i) alone, so an image does not depend on the batch it was drawn in."""
     size, R = model.image_size, model.num_rewards
@@ -166,7 +168,7 @@ def generate(model, prompts, s_plus, s_minus, cfg, seed, steps=50, method="euler
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
         sl = slice(start, start + batch_size)
         x = sample(model, ids[sl].to(device), s_plus[sl].to(device), s_minus[sl].to(device),
-                   cfg, noise[sl].to(device), steps, method, neg_text)
+                   cfg, noise[sl].to(device), steps, method, neg_text, cfg_max_t=cfg_max_t)
         out.append(to_uint8(x))
     return torch.cat(out)
 
@@ -236,6 +238,8 @@ def main():
     parser.add_argument("--pos", help="s+: levels in reward order (1,0.5,...) or name=level,...; default all 1")
     parser.add_argument("--neg", help="s-: as --pos; default all 0")
     parser.add_argument("--cfg", type=world.finite, default=1.0, help="guidance weight w of eq. 3 (0: no guidance)")
+    parser.add_argument("--cfg-max-t", type=world.fraction, default=1.0,
+                        help="guide only at t <= this (1: every step; lower leaves the noisiest steps unguided)")
     parser.add_argument("--neg-text", default="keep", choices=["keep", "drop"],
                         help="negative branch: the caption (eq. 3) or the empty caption (adds text guidance)")
     parser.add_argument("--isolate", metavar="REWARD", help="guide along this reward alone (s- = s+ but 0 there)")
@@ -272,7 +276,7 @@ def main():
           f"{args.method} steps")
     candidates = generate(model, [p for p in all_prompts for _ in range(K)], [s for s in s_plus for _ in range(K)],
                           [s for s in s_minus for _ in range(K)], args.cfg, args.seed, args.steps, args.method,
-                          args.neg_text, args.batch_size, device, progress=True)
+                          args.neg_text, args.batch_size, device, progress=True, cfg_max_t=args.cfg_max_t)
     images = candidates
     if K > 1:
         scores = rewards.REWARDS[args.select](candidates, [p for p in all_prompts for _ in range(K)]).view(-1, K)
@@ -283,7 +287,7 @@ def main():
     run_dir = os.path.join(args.out, "runs", args.run)
     shape = (len(all_prompts), len(names))
     world.save_atomic({"images": images, "prompts": all_prompts, "s_plus": torch.tensor(s_plus).reshape(shape),
-                       "s_minus": torch.tensor(s_minus).reshape(shape), "cfg": args.cfg, "steps": args.steps,
+                       "s_minus": torch.tensor(s_minus).reshape(shape), "cfg": args.cfg, "cfg_max_t": args.cfg_max_t, "steps": args.steps,
                        "seed": args.seed, "version": VERSION, "config": world.file_config(args)},
                       os.path.join(run_dir, "samples.pt"))
     world.save_grid(images, labels, os.path.join(run_dir, "samples.png"), columns=min(len(prompts), 8))

@@ -73,6 +73,17 @@ def test_guidance_is_eq3_with_both_branches(model, cfg):
                                v_pos + cfg * (v_pos - v_drop), **tolerance(cfg))
 
 
+@torch.no_grad()
+def test_cfg_max_t_leaves_the_noisier_steps_unguided(model):
+    """Guidance only at t <= cfg_max_t: eq. 3 at t = 0.3, the conditional velocity at t = 0.8."""
+    x, ids, s_plus, s_minus = inputs()
+    guided = sampler.Guided(model, ids, s_plus, s_minus, 2.0, cfg_max_t=0.5)
+    torch.testing.assert_close(guided(x, 0.8), model(x, t_(0.8), s_plus, ids)[0], **tolerance(0))
+    v_pos, v_neg = model(x, t_(0.3), s_plus, ids)[0], model(x, t_(0.3), s_minus, ids)[0]
+    guided.latents = None  # as a first call: no self-conditioning latents
+    torch.testing.assert_close(guided(x, 0.3), v_pos + 2.0 * (v_pos - v_neg), **tolerance(2.0))
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_a_constant_velocity_field_integrates_exactly(method):
     noise, c = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
