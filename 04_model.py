@@ -195,15 +195,6 @@ def skip_scales(t, sigma_data):
     return c_skip, (1 + s2 - c_skip * cov).clamp_min(1e-8).sqrt()
 
 
-def image_skip(t, error):
-    """x_t / (1 - t) is the image plus noise of std t / (1 - t); a guess with error std `error` gets the
-    inverse-variance weight 1 - a, a = error^2 (1 - t)^2 / (error^2 (1 - t)^2 + t^2). Returns (a / (1 - t), a),
-    each (B, 1, 1, 1): x_hat = (a / (1 - t)) x_t + (1 - a) guess, finite at t = 1."""
-    t = t.float().view(-1, 1, 1, 1)
-    denominator = error ** 2 * (1 - t) ** 2 + t ** 2
-    return error ** 2 * (1 - t) / denominator, error ** 2 * (1 - t) ** 2 / denominator
-
-
 def velocity_from_image(x_t, x_hat, t):
     """v = (x_t - x_hat) / t: the velocity of the straight path from x_hat through x_t, the
     target eps - x exactly when x_hat = x (x_t = (1 - t) x + t eps); t clamped at T_MIN."""
@@ -278,9 +269,8 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, patch_hidden=4, x_skip=0.0, interface="learned"):
+                 patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned"):
         super().__init__()
-        self.x_skip, self.interface = x_skip, interface
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
         if interface not in ("learned", "pca") or (interface == "pca" and (patch_mlp or data_dim > 3 * patch_size ** 2)):
@@ -402,9 +392,6 @@ class TextRIN(nn.Module):
         out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)
         out = out.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
         if self.prediction == "x":  # out is the clean image
-            if self.x_skip:  # near t = 0, x_t / (1 - t) is a better guess than the network's: mix it in
-                c_skip, a = image_skip(t, self.x_skip)
-                out = c_skip * x_t + (1 - a) * out
             return velocity_from_image(x_t, out, t), latents
         c_skip, c_out = skip_scales(t, self.sigma_data)
         return c_skip * x_t + c_out * out, latents

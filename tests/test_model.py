@@ -171,15 +171,6 @@ def test_raw_output_is_the_image_or_the_skip_residual(prediction):
     assert torch.allclose(v, expect, atol=1e-5)
 
 
-def test_image_skip_weighs_x_t_against_the_guess_by_their_errors():
-    """x_hat = (a / (1 - t)) x_t + (1 - a) F: all x_t at t = 0, none at t = 1, equal weights where x_t / (1 - t)
-    has the guess's error std (t / (1 - t) = error)."""
-    t = torch.tensor([0.0, 1 / 11, 1.0])  # t / (1 - t) = 0.1 at t = 1/11
-    c_skip, a = net.image_skip(t, 0.1)
-    assert torch.allclose(a.flatten(), torch.tensor([1.0, 0.5, 0.0]))
-    assert torch.allclose(c_skip.flatten(), a.flatten() / (1 - t).clamp_min(1e-9) * (t < 1))
-
-
 def test_pca_interface_hands_back_patches_of_its_subspace():
     """fit_interface on images whose patches lie in a data_dim-wide subspace: patch_out undoes patch_in once
     each channel is divided by its std, so patch_out(patch_in(p) / std) = p for every such patch."""
