@@ -273,9 +273,12 @@ class TextRIN(nn.Module):
         super().__init__()
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
-        if interface not in ("learned", "pca") or (interface == "pca" and (patch_mlp or data_dim > 3 * patch_size ** 2)):
-            raise ValueError(f"interface must be 'learned', or 'pca' for a linear interface no wider than a patch's "
-                             f"{3 * patch_size ** 2} values, not {interface!r} (patch_mlp={patch_mlp}, data_dim={data_dim})")
+        if interface not in ("learned", "pca"):
+            raise ValueError(f"interface must be 'learned' or 'pca', not {interface!r}")
+        if interface == "pca" and patch_mlp:
+            raise ValueError("interface 'pca' starts a linear interface: with patch_mlp=true use interface=learned")
+        if interface == "pca" and data_dim > 3 * patch_size ** 2:
+            raise ValueError(f"interface 'pca' needs data_dim <= a patch's {3 * patch_size ** 2} values, not {data_dim}")
         if cell_codes not in ("sincos", "random"):
             raise ValueError(f"cell_codes must be 'sincos' or 'random', not {cell_codes!r}")
         self.sigma_data, self.text_encoder, self.prediction = sigma_data, text_encoder, prediction

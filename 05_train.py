@@ -295,23 +295,25 @@ def train(args):
         sys.exit(f"{STAGE}: error: --resume: the run was trained on rewards {checkpoint['reward_names']}, not {names}")
     if checkpoint:
         check_resume_data(checkpoint, bins)
-    if rank == 0:
-        world.prepare_out(run_dir, STAGE)
-        take_lock(run_dir)
-        for stale in glob.glob(glob.escape(ckpt_path) + ".tmp*"):  # a save that a killed process left half done
-            os.remove(stale)
-
     torch.manual_seed(args.seed)
     if checkpoint:  # the network the checkpoint describes, or one line if it holds none of this code
         raw_model = net.rebuild(model_args, checkpoint["model"], ckpt_path, STAGE).to(device)
         ema = net.rebuild(model_args, checkpoint["ema"], ckpt_path, STAGE).to(device).requires_grad_(False)
     else:
-        raw_model = net.TextRIN(**model_args).to(device)
+        try:
+            raw_model = net.TextRIN(**model_args).to(device)
+        except ValueError as e:  # a setting of --net the network refuses
+            sys.exit(f"{STAGE}: error: --net {args.net or '(preset)'}: {e}")
         if model_args.get("interface") == "pca":  # the interface starts from the PCA of 2,048 training images' patches
             pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:2048].sort().values
             sample = torch.from_numpy(images[pick.numpy()]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
             raw_model.fit_interface(sample)
         ema = copy.deepcopy(raw_model).requires_grad_(False)
+    if rank == 0:  # the network is built: only now is anything written
+        world.prepare_out(run_dir, STAGE)
+        take_lock(run_dir)
+        for stale in glob.glob(glob.escape(ckpt_path) + ".tmp*"):  # a save that a killed process left half done
+            os.remove(stale)
     optimizer = make_optimizer(raw_model, args, device)
     step = 0
     if checkpoint:
