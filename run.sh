@@ -9,8 +9,8 @@ OUT=${OUT:-out}
 WORLD=${WORLD:-full}
 case "$WORLD" in            # scenes, and training steps per run (batch 16)
   one)   SCENES=10000; DEFAULT_STEPS=1150 ;;
-  clean) SCENES=20000; DEFAULT_STEPS=1200 ;;
-  full)  SCENES=20000; DEFAULT_STEPS=1200 ;;
+  clean) SCENES=20000; DEFAULT_STEPS=2400 ;;
+  full)  SCENES=20000; DEFAULT_STEPS=3600 ;;
   *) echo "run.sh: error: WORLD=$WORLD: use one, clean or full" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$DEFAULT_STEPS}
