@@ -294,14 +294,16 @@ def contrast_probe(model, names, ts=PROBE_TS, n=64, device="cpu"):
 
 def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, path, world_name="full",
                    method="heun"):
-    """Paper Fig. 9: a row per reward j, guided along j alone (s- = s+ = 1 except s-_j = 0), the
-    same noise in every row; the first row guides along all rewards at once."""
-    captions = sampler.fresh_captions(n_prompts, world_name=world_name)
-    rows = [("all rewards", [0.0] * len(names))] + [(f"only {n}", [0.0 if i == j else 1.0 for i in range(len(names))])
-                                                     for j, n in enumerate(names)]
+    """Paper Fig. 9: a row per reward j, guided along j alone (s- = s+ = 1 except s-_j = 0), then a row per
+    reward guided towards its low end (s- = s+ = 1 except s+_j = 0), the same noise in every row; the first
+    row guides along all rewards at once."""
+    captions, R = sampler.fresh_captions(n_prompts, world_name=world_name), len(names)
+    but = lambda j, level: [level if i == j else 1.0 for i in range(R)]  # 1 for every reward but j
+    rows = ([("all rewards", [1.0] * R, [0.0] * R)] + [(f"only {n}", [1.0] * R, but(j, 0.0)) for j, n in enumerate(names)]
+            + [(f"{n} at 0", but(j, 0.0), [1.0] * R) for j, n in enumerate(names)])
     images, labels = [], []
-    for label, s_minus in rows:
-        images.append(sampler.generate(model, captions, [[1.0] * len(names)] * n_prompts, [s_minus] * n_prompts, cfg,
+    for label, s_plus, s_minus in rows:
+        images.append(sampler.generate(model, captions, [s_plus] * n_prompts, [s_minus] * n_prompts, cfg,
                                        seed, steps, method, neg_text=neg_text, device=device))
         labels += [label] + [""] * (n_prompts - 1)
     world.save_grid(torch.cat(images), labels, path, columns=n_prompts)
@@ -497,7 +499,9 @@ def write_report(args, runs, device, eval_dir):
                "![sweep](sweep.png) ![cfg](cfg.png)", ""]
         isolation_grid(model, names, args.grid_prompts, args.cfg, args.steps, 0, args.neg_text, device,
                        os.path.join(eval_dir, "isolation.png"), world_name, args.method)
-        md += ["## Guiding one reward at a time (paper Fig. 9)\n", "![isolation](isolation.png)", ""]
+        md += ["## Guiding one reward at a time (paper Fig. 9)\n", "The same noise in every row: all rewards at s+ = 1, "
+               "then each reward guided up alone (only ...), then each guided down alone (... at 0).\n",
+               "![isolation](isolation.png)", ""]
 
     world.save_together({os.path.join(eval_dir, "report.md"): "\n".join(md) + "\n",
                          os.path.join(eval_dir, "results.json"): json.dumps(results, indent=1) + "\n"})
