@@ -493,6 +493,12 @@ def load_images(path, stage):
     return images
 
 
+def to_signed(images, device="cpu"):
+    """uint8 [N, H, W, 3] (numpy or torch) -> float [N, 3, H, W] in [-1, 1], the networks' scale
+    (06_sample.to_uint8 goes back)."""
+    return torch.as_tensor(np.asarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def save_grid(images, labels, path, columns, scale=4):
     """A PNG grid of uint8 images (N, H, W, 3), upscaled scale times so a person can read it, each
     with a short label under it (01's look at the data, 06's samples, 07's figures)."""

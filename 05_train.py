@@ -152,7 +152,7 @@ def get_batch(step, args, data, rank, world_size, device):
     generator = torch.Generator().manual_seed(seed)
     idx = batch_indices(step, args.batch_size, len(images), args.seed).view(world_size, -1)[rank]
     idx = idx.sort().values  # sorted reads are faster on a memory map
-    x = torch.from_numpy(images[idx.numpy()]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
+    x = world.to_signed(images[idx.numpy()], device)  # (B, 3, H, W)
     kind = torch.randint(len(ids), (len(idx),), generator=generator)  # which of the --captions kinds
     batch_ids = ids[kind, idx]                                          # (B, L)
     drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
@@ -306,8 +306,7 @@ def train(args):
             sys.exit(f"{STAGE}: error: --net {args.net or '(preset)'}: {e}")
         if model_args.get("interface") == "pca":  # the interface starts from the PCA of 2,048 training images' patches
             pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:2048].sort().values
-            sample = torch.from_numpy(images[pick.numpy()]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-            raw_model.fit_interface(sample)
+            raw_model.fit_interface(world.to_signed(images[pick.numpy()], device))
         ema = copy.deepcopy(raw_model).requires_grad_(False)
     if rank == 0:  # the network is built: only now is anything written
         world.prepare_out(run_dir, STAGE)

@@ -287,8 +287,8 @@ def main():
     run_dir = os.path.join(args.out, "runs", args.run)
     shape = (len(all_prompts), len(names))
     world.save_atomic({"images": images, "prompts": all_prompts, "s_plus": torch.tensor(s_plus).reshape(shape),
-                       "s_minus": torch.tensor(s_minus).reshape(shape), "cfg": args.cfg, "cfg_max_t": args.cfg_max_t, "steps": args.steps,
-                       "seed": args.seed, "version": VERSION, "config": world.file_config(args)},
+                       "s_minus": torch.tensor(s_minus).reshape(shape), "cfg": args.cfg, "cfg_max_t": args.cfg_max_t,
+                       "steps": args.steps, "seed": args.seed, "version": VERSION, "config": world.file_config(args)},
                       os.path.join(run_dir, "samples.pt"))
     world.save_grid(images, labels, os.path.join(run_dir, "samples.png"), columns=min(len(prompts), 8))
     print(f"wrote {os.path.join(run_dir, 'samples.pt')} and samples.png ({len(images)} images)")

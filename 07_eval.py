@@ -274,7 +274,7 @@ def contrast_probe(model, names, ts=PROBE_TS, n=64, device="cpu"):
     every sampling step fades it a little (an Euler step lands on x_s = (s/t) x_t + (1 - s/t) x_hat), and the
     fades multiply: an object drawn by mid-sampling can be gone at t = 0. {"named": [per t], "colour-free": [...]}"""
     images, captions = world.make_shapes(n, model.image_size, seed=PROBE_SEED, world="one", progress=False)
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = world.to_signed(images)
     background = torch.tensor(world.BACKGROUND).float().view(1, 3, 1, 1) / 127.5 - 1
     kinds = [m["scene"]["objects"][0]["kind"] for m in captions["meta"]]
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
