@@ -61,11 +61,14 @@ STAGE, VERSION = "05_train.py", 1
 
 
 # ----------------------------------------------------------------------------- flow matching (eq. 2)
-def sample_t(batch, dist_name, generator, device):
-    """t in (0, 1): uniform, or logit-normal (more steps at mid noise, as in SD3)."""
+def sample_t(batch, dist_name, generator, device, shift=1.0):
+    """t in (0, 1): uniform, or logit-normal (more steps at mid noise, as in SD3); then shifted
+    towards noise by t -> s t / (1 + (s - 1) t) (SD3's shift s; s = 1 leaves t as drawn)."""
     if dist_name == "logit-normal":
-        return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
-    return torch.rand(batch, generator=generator, device=device)
+        t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    else:
+        t = torch.rand(batch, generator=generator, device=device)
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def noisy(x, eps, t):
@@ -348,7 +351,7 @@ def train(args):
     end = min(args.stop_at or args.steps, args.steps)
     while step < end:
         x, batch_ids, batch_levels, generator = get_batch(step, args, data, rank, world_size, device)
-        t = sample_t(len(x), args.t_dist, generator, device)
+        t = sample_t(len(x), args.t_dist, generator, device, args.t_shift)
         eps = torch.randn(x.shape, generator=generator, device=device)
         self_cond = (torch.rand(len(x), generator=generator, device=device) < args.self_cond).float()
         for group in optimizer.param_groups:
@@ -440,6 +443,7 @@ def main():
     parser.add_argument("--loss-weight", default="image", choices=["image", "velocity"],
                         help="image: eq. 2 times t^2, the error of the implied clean image; velocity: eq. 2 as written")
     parser.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
+    parser.add_argument("--t-shift", type=world.positive, default=1.0, help="shift t towards noise (> 1) or data (< 1)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                         help="autocast: auto = bf16 on CUDA (fp16 + GradScaler without bf16), off on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")

@@ -242,3 +242,12 @@ def test_two_trainings_of_one_run_the_second_refuses(data):
         for key, value in whole[part].items():
             assert torch.equal(value, owned[part][key]), (part, key)
     assert not list((data / "runs" / "owned").glob("ckpt.pt.tmp*")) and not (data / "runs" / "owned" / "lock").exists()
+
+
+def test_t_shift_moves_the_median_towards_noise():
+    """SD3's shift t -> s t / (1 + (s - 1) t): the median 0.5 of uniform t goes to s / (1 + s)."""
+    generator = torch.Generator().manual_seed(0)
+    for dist in ("uniform", "logit-normal"):
+        for shift, median in ((1.0, 0.5), (3.0, 0.75)):
+            t = train.sample_t(20_000, dist, generator, "cpu", shift)
+            assert 0 < t.min() and t.max() < 1 and abs(t.median().item() - median) < 0.02
