@@ -98,11 +98,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of queries x (B, N, dim) over context c (B, M, ctx_dim), with QK-norm."""
+    """Multi-head attention of queries x (B, N, dim) over context c (B, M, ctx_dim), with QK-norm.
 
-    def __init__(self, dim, ctx_dim, heads):
+    compete (True: every head, or a number of heads, the first ones): in those heads the softmax runs
+    over the queries instead of the context, with a sink query of logit 0 beside them, as in slot
+    attention (Locatello et al. 2020). Each context token is shared out among the queries, so two
+    queries cannot both take a word whole: the cells of an image compete for the caption's phrases."""
+
+    def __init__(self, dim, ctx_dim, heads, compete=False):
         super().__init__()
         self.heads, inner = heads, min(dim, ctx_dim)  # narrow side sets the width, as in RIN
+        self.compete = heads if compete is True else int(compete)
+        if not 0 <= self.compete <= heads:
+            raise ValueError(f"compete must be true, false or a number of heads from 0 to {heads}, not {compete!r}")
         self.q = nn.Linear(dim, inner, bias=False)
         self.kv = nn.Linear(ctx_dim, 2 * inner, bias=False)
         self.q_norm, self.k_norm = RMSNorm(inner // heads), RMSNorm(inner // heads)
@@ -117,7 +125,14 @@ class Attention(nn.Module):
         k, v = self.kv(c).view(B, M, 2, H, -1).permute(2, 0, 3, 1, 4)    # 2 x (B, H, M, d)
         q, k = self.q_norm(q), self.k_norm(k)  # QK-norm: bounded logits, stable in bf16
         mask = None if mask is None else mask[:, None, None, :]          # (B, 1, 1, M), True = attend
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = self.compete  # heads that compete, the first ones
+        parts = [] if h == H else [F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], attn_mask=mask)]
+        if h:  # each context token shares itself out among the queries and a sink (logit 0) that takes the rest
+            logits = q[:, :h] @ k[:, :h].transpose(-1, -2) / math.sqrt(q.shape[-1])        # (B, h, N, M)
+            weights = torch.softmax(torch.cat([logits, torch.zeros_like(logits[:, :, :1])], 2).float(), dim=2)
+            weights = weights[:, :, :N].type_as(v) * (1 if mask is None else mask)
+            parts.insert(0, weights @ v[:, :h])
+        y = torch.cat(parts, 1) if len(parts) > 1 else parts[0]                          # (B, H, N, d)
         return self.out(y.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -138,10 +153,10 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: attention (self, or cross when ctx_dim is given) + SwiGLU."""
 
-    def __init__(self, dim, heads, ctx_dim=None):
+    def __init__(self, dim, heads, ctx_dim=None, compete=False):
         super().__init__()
         self.norm, self.norm_ctx = RMSNorm(dim), RMSNorm(ctx_dim) if ctx_dim else None
-        self.attn = Attention(dim, ctx_dim or dim, heads)
+        self.attn = Attention(dim, ctx_dim or dim, heads, compete)
         self.norm_mlp, self.mlp = RMSNorm(dim), SwiGLU(dim)
 
     def forward(self, x, ctx=None, mask=None):
@@ -153,12 +168,15 @@ class Block(nn.Module):
 class RINBlock(nn.Module):
     """Latents: attend to the conditioning, read the patches, think K times; then patches read them back.
     With patch_cond, the patches first attend to the conditioning too, so that each patch reads the
-    caption itself instead of only what the latents pass on; with patch_attend they attend to each
-    other after reading the latents back."""
+    caption itself instead of only what the latents pass on (patch_compete: with competing heads);
+    with patch_bind they then also read it through an attention whose every head competes; with
+    patch_attend they attend to each other after reading the latents back."""
 
-    def __init__(self, data_dim, latent_dim, num_layers, heads, patch_cond=False, patch_attend=False):
+    def __init__(self, data_dim, latent_dim, num_layers, heads, patch_cond=False, patch_attend=False, patch_compete=False,
+                 patch_bind=False):
         super().__init__()
-        self.patch_cond = Block(data_dim, heads, ctx_dim=latent_dim) if patch_cond else None
+        self.patch_cond = Block(data_dim, heads, ctx_dim=latent_dim, compete=patch_compete) if patch_cond else None
+        self.patch_bind = Block(data_dim, heads, ctx_dim=latent_dim, compete=True) if patch_bind else None
         self.patch_attend = Block(data_dim, heads) if patch_attend else None
         self.attend_cond = Block(latent_dim, heads, ctx_dim=latent_dim)
         self.read = Block(latent_dim, heads, ctx_dim=data_dim)
@@ -168,6 +186,8 @@ class RINBlock(nn.Module):
     def forward(self, patches, latents, cond, cond_mask):
         if self.patch_cond is not None:
             patches = self.patch_cond(patches, cond, cond_mask)
+        if self.patch_bind is not None:
+            patches = self.patch_bind(patches, cond, cond_mask)
         latents = self.attend_cond(latents, cond, cond_mask)
         latents = self.read(latents, patches)
         for layer in self.think:
@@ -269,7 +289,7 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned"):
+                 patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned", patch_compete=False, patch_bind=False):
         super().__init__()
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
@@ -319,7 +339,8 @@ class TextRIN(nn.Module):
             self.pool_norm = RMSNorm(latent_dim)
             self.pool_to_patches, self.pool_to_latents = nn.Linear(latent_dim, data_dim), nn.Linear(latent_dim, latent_dim)
         self.cond_pool = cond_pool
-        self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads, patch_cond, patch_attend)
+        self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads, patch_cond, patch_attend, patch_compete,
+                                             patch_bind)
                                     for _ in range(num_blocks))
         for module in self.modules():
             if isinstance(module, nn.Linear):

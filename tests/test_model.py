@@ -229,3 +229,25 @@ def test_batches_cover_every_image_once_per_epoch():
     for epoch in range(7):
         assert sorted(seen[epoch * 20:(epoch + 1) * 20].tolist()) == list(range(20))
     assert torch.equal(train.batch_indices(5, 7, 20, seed=1), train.batch_indices(5, 7, 20, seed=1))
+
+
+def test_competing_heads_share_each_context_token_out_among_the_queries():
+    """compete: the weights of a context token over the queries and a sink (logit 0) sum to 1, so one
+    query alone gets sigmoid(q.k / sqrt(d)) of each token; a masked token gives nothing; identical
+    queries split a token between them instead of each taking it whole."""
+    torch.manual_seed(0)
+    attn = net.Attention(8, 8, heads=1, compete=True).double()
+    with torch.no_grad():
+        attn.out.weight.copy_(torch.eye(8)), attn.out.bias.zero_()
+    x, c = torch.randn(1, 1, 8, dtype=torch.double), torch.randn(1, 5, 8, dtype=torch.double)
+    q = attn.q_norm(attn.q(x))
+    k, v = attn.kv(c).chunk(2, dim=-1)
+    weights = torch.sigmoid(q @ attn.k_norm(k).transpose(-1, -2) / 8 ** 0.5)                      # (1, 1, 5)
+    assert torch.allclose(attn(x, c), weights @ v)
+    mask = torch.tensor([[True, True, False, True, True]])
+    assert torch.allclose(attn(x, c, mask), (weights * mask) @ v)
+    one, three = attn(x, c), attn(x.expand(1, 3, 8), c)                                            # the query 3 times
+    shared = torch.softmax(torch.cat([(q @ attn.k_norm(k).transpose(-1, -2) / 8 ** 0.5).expand(1, 3, 5),
+                                      torch.zeros(1, 1, 5, dtype=torch.double)], 1), 1)[:, :3]
+    assert torch.allclose(three, shared @ v) and (shared[0, 0] < weights[0, 0]).all()
+    assert torch.allclose(one, weights @ v)
