@@ -105,9 +105,10 @@ class Attention(nn.Module):
     attention (Locatello et al. 2020). Each context token is shared out among the queries, so two
     queries cannot both take a word whole: the cells of an image compete for the caption's phrases."""
 
-    def __init__(self, dim, ctx_dim, heads, compete=False):
+    def __init__(self, dim, ctx_dim, heads, compete=False, rope=False):
         super().__init__()
         self.heads, inner = heads, min(dim, ctx_dim)  # narrow side sets the width, as in RIN
+        self.rope = rope
         self.compete = heads if compete is True else int(compete)
         if not 0 <= self.compete <= heads:
             raise ValueError(f"compete must be true, false or a number of heads from 0 to {heads}, not {compete!r}")
@@ -124,6 +125,8 @@ class Attention(nn.Module):
         q = self.q(x).view(B, N, H, -1).transpose(1, 2)                  # (B, H, N, d)
         k, v = self.kv(c).view(B, M, 2, H, -1).permute(2, 0, 3, 1, 4)    # 2 x (B, H, M, d)
         q, k = self.q_norm(q), self.k_norm(k)  # QK-norm: bounded logits, stable in bf16
+        if self.rope:  # self-attention over a sequence: logits that depend on the distance between tokens
+            q, k = rotary(q), rotary(k)
         mask = None if mask is None else mask[:, None, None, :]          # (B, 1, 1, M), True = attend
         h = self.compete  # heads that compete, the first ones
         parts = [] if h == H else [F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], attn_mask=mask)]
@@ -134,6 +137,18 @@ class Attention(nn.Module):
             parts.insert(0, weights @ v[:, :h])
         y = torch.cat(parts, 1) if len(parts) > 1 else parts[0]                          # (B, H, N, d)
         return self.out(y.transpose(1, 2).reshape(B, N, -1))
+
+
+def rotary(x):
+    """Rotary position embedding (Su et al. 2021) of x (B, H, L, d): channel pairs (i, i + d/2) of
+    token n turned by n * 10000^(-2i/d), so that q.k depends on where two tokens are relative to each
+    other. Computed in float32."""
+    L, d = x.shape[-2], x.shape[-1]
+    freqs = torch.exp(-math.log(1e4) * torch.arange(d // 2, device=x.device) / (d // 2))
+    angles = torch.arange(L, device=x.device).float()[:, None] * freqs                 # (L, d/2)
+    cos, sin = angles.cos(), angles.sin()
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).type_as(x)
 
 
 class SwiGLU(nn.Module):
@@ -153,10 +168,10 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: attention (self, or cross when ctx_dim is given) + SwiGLU."""
 
-    def __init__(self, dim, heads, ctx_dim=None, compete=False):
+    def __init__(self, dim, heads, ctx_dim=None, compete=False, rope=False):
         super().__init__()
         self.norm, self.norm_ctx = RMSNorm(dim), RMSNorm(ctx_dim) if ctx_dim else None
-        self.attn = Attention(dim, ctx_dim or dim, heads, compete)
+        self.attn = Attention(dim, ctx_dim or dim, heads, compete, rope)
         self.norm_mlp, self.mlp = RMSNorm(dim), SwiGLU(dim)
 
     def forward(self, x, ctx=None, mask=None):
@@ -265,18 +280,25 @@ def tokenize(texts, length, text_encoder="own"):
 
 
 class TextEncoder(nn.Module):
-    """A small trainable transformer: ids (B, L) -> tokens (B, L, dim) and mask (B, L)."""
+    """A small trainable transformer: ids (B, L) -> tokens (B, L, dim) and mask (B, L).
 
-    def __init__(self, dim, layers, heads, length):
+    conv > 0: before the transformer, each token also mixes with its neighbours (a residual 1-D
+    convolution of that width over the words), so that "red circle" is a feature of the token
+    "circle" from the start instead of something attention has to learn to bind."""
+
+    def __init__(self, dim, layers, heads, length, conv=0, rope=False):
         super().__init__()
         self.embed = nn.Embedding(VOCAB_SIZE, dim)
         self.pos = nn.Parameter(positions(length, dim))  # learned, from sin/cos codes as strong as the words
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.conv = nn.Conv1d(dim, dim, conv, padding=conv // 2) if conv else None
+        self.blocks = nn.ModuleList(Block(dim, heads, rope=rope) for _ in range(layers))
         self.norm = RMSNorm(dim)
 
     def forward(self, ids):
         mask = ids != PAD_ID                               # (B, L) real tokens (start, words, end)
         x = self.embed(ids) + self.pos[: ids.shape[1]]     # (B, L, dim)
+        if self.conv is not None:  # padding is zeroed first: a caption's last words see nothing after them
+            x = x + self.conv((x * mask[..., None]).transpose(1, 2)).transpose(1, 2)[:, : ids.shape[1]]
         for block in self.blocks:
             x = block(x, mask=mask)
         return self.norm(x), mask
@@ -289,7 +311,7 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned", patch_compete=False, patch_bind=False):
+                 patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned", patch_compete=False, patch_bind=False, text_conv=0, text_rope=False):
         super().__init__()
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
@@ -331,7 +353,7 @@ class TextRIN(nn.Module):
             self.reward_embed = embedder(latent_dim)
             self.reward_id = nn.Parameter(torch.randn(num_rewards, latent_dim) * 0.5)  # which reward a token is
         if text_encoder == "own":  # trained with the denoiser
-            self.text = TextEncoder(text_dim, text_layers, heads, text_len)
+            self.text = TextEncoder(text_dim, text_layers, heads, text_len, text_conv, text_rope)
         else:  # frozen and pretrained (text_dim, text_layers unused): only the projection below is trained
             text_dim = frozen_text_encoder(text_encoder).width
         self.text_proj = nn.Linear(text_dim, latent_dim)

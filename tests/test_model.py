@@ -214,14 +214,23 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
 
 
 def test_batch_ids_are_trimmed_to_the_longest_caption_rounded_up_to_8():
-    args = argparse.Namespace(seed=0, batch_size=4, text_drop=0.0, text_encoder="own")
+    args = argparse.Namespace(seed=0, batch_size=4, text_drop=0.0, text_encoder="own", long_first=0)
     captions = ["a red circle.", "two blue squares and a green triangle.", "a circle.", "an orange square."]
     ids = net.tokenize(captions, 64)[None]                   # one caption kind, (1, 4, 64)
-    data = (np.zeros((4, 8, 8, 3), np.uint8), ids, torch.zeros(4, 1))
+    data = (np.zeros((4, 8, 8, 3), np.uint8), ids, torch.zeros(4, 1), None)
     _, batch_ids, _, _ = train.get_batch(0, args, data, 0, 1, torch.device("cpu"))
     longest = int((ids != net.PAD_ID).sum(-1).max())
     assert batch_ids.shape[1] == -(-longest // 8) * 8 < 64
     assert (batch_ids != net.PAD_ID).sum() == (ids != net.PAD_ID).sum()  # no real token is cut
+
+
+def test_long_first_shows_only_the_long_captions_for_its_steps():
+    args = argparse.Namespace(seed=0, batch_size=64, text_drop=0.0, text_encoder="own", long_first=3)
+    ids = torch.stack([torch.full((64, 8), 7), torch.full((64, 8), 9)])  # two caption kinds; the second is long
+    data = (np.zeros((64, 8, 8, 3), np.uint8), ids, torch.zeros(64, 1), 1)
+    first = [train.get_batch(step, args, data, 0, 1, torch.device("cpu"))[1] for step in range(4)]
+    assert all((batch == 9).all() for batch in first[:3])
+    assert (first[3] == 7).any() and (first[3] == 9).any()
 
 
 def test_batches_cover_every_image_once_per_epoch():
@@ -251,3 +260,23 @@ def test_competing_heads_share_each_context_token_out_among_the_queries():
                                       torch.zeros(1, 1, 5, dtype=torch.double)], 1), 1)[:, :3]
     assert torch.allclose(three, shared @ v) and (shared[0, 0] < weights[0, 0]).all()
     assert torch.allclose(one, weights @ v)
+
+
+def test_rotary_logits_depend_only_on_how_far_apart_two_tokens_are():
+    """q.k after the rotary embedding is the same for a sequence and for that sequence moved 3 places
+    on; at distance 0 it is the plain q.k."""
+    x = torch.randn(2, 4, 6, 16, dtype=torch.double)
+    moved = net.rotary(torch.cat([torch.randn(2, 4, 3, 16, dtype=torch.double), x], 2))[:, :, 3:]
+    logits = net.rotary(x) @ net.rotary(x).transpose(-1, -2)
+    assert torch.allclose(logits, moved @ moved.transpose(-1, -2))
+    assert torch.allclose(logits.diagonal(dim1=-2, dim2=-1), x.square().sum(-1))
+
+
+def test_text_conv_and_rope_keep_padding_inert():
+    """The caption's tokens do not change when padding is added (the convolution sees zeros past the end)."""
+    model, _ = tiny(0, text_conv=3, text_rope=True)
+    ids = net.tokenize(["a red circle and two blue squares."], 64)
+    longest = int((ids != net.PAD_ID).sum())
+    full, _ = model.text(ids)
+    short, _ = model.text(ids[:, :longest])
+    assert torch.allclose(full[:, :longest], short, atol=1e-5)
