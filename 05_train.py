@@ -132,7 +132,7 @@ def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
             sys.exit(f"{STAGE}: error: --captions {captions_mode}: captions.pt has no {kind} captions "
                      f"(it has {', '.join(k for k in CAPTION_KINDS if k in captions)})")
     ids = torch.stack([net.tokenize(captions[kind], text_len, text_encoder) for kind in kinds])  # (kinds, N, L)
-    return images, ids, levels, names, bins
+    return images, ids, levels, names, bins, kinds
 
 
 @functools.lru_cache(maxsize=2)
@@ -150,13 +150,15 @@ def batch_indices(step, batch, n, seed):
 
 def get_batch(step, args, data, rank, world_size, device):
     """This rank's share of global batch `step`: images in [-1, 1], token ids, levels, and its RNG."""
-    images, ids, levels = data
+    images, ids, levels, first_kind = data
     seed = args.seed * 1_000_003 + step * 1009 + rank
     generator = torch.Generator().manual_seed(seed)
     idx = batch_indices(step, args.batch_size, len(images), args.seed).view(world_size, -1)[rank]
     idx = idx.sort().values  # sorted reads are faster on a memory map
     x = world.to_signed(images[idx.numpy()], device)  # (B, 3, H, W)
     kind = torch.randint(len(ids), (len(idx),), generator=generator)  # which of the --captions kinds
+    if step < args.long_first:  # the first steps: every object with its cell
+        kind[:] = first_kind
     batch_ids = ids[kind, idx]                                          # (B, L)
     drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
     batch_ids[drop] = net.tokenize([""], batch_ids.shape[1], args.text_encoder)
@@ -285,7 +287,10 @@ def train(args):
         text_len = model_args["text_len"]
     else:
         text_len = overrides.get("text_len", net.PRESETS[args.preset]["text_len"])
-    images, ids, levels, names, bins = load_data(args.out, args.rewards, args.captions, text_len, args.text_encoder)
+    images, ids, levels, names, bins, kinds = load_data(args.out, args.rewards, args.captions, text_len, args.text_encoder)
+    if args.long_first and "long" not in kinds:
+        sys.exit(f"{STAGE}: error: --long-first needs long captions in --captions (it is {args.captions})")
+    first_kind = kinds.index("long") if args.long_first else None
     if model_args is None:  # the checkpoint records the text encoder, so 06/07 rebuild (and reload) it
         model_args = dict(net.PRESETS[args.preset], num_rewards=len(names), text_encoder=args.text_encoder, **overrides)
     changed = {k: v for k, v in overrides.items() if model_args.get(k) != v}
@@ -346,7 +351,7 @@ def train(args):
             if int(os.path.basename(snapshot)[:-3]) > step:  # from after the checkpoint, or an earlier run's
                 os.remove(snapshot)
 
-    data = (images, ids, levels)
+    data = (images, ids, levels, first_kind)
     last_good, window, started = step, [], time.perf_counter()
     end = min(args.stop_at or args.steps, args.steps)
     while step < end:
@@ -426,6 +431,8 @@ def main():
     parser.add_argument("--captions", default="mix", help="caption shown with each image: mix (" + ",".join(MIX) +
                         ") or a list of kinds, alt, long, short, brief (long,brief,brief: a third long, two thirds brief)")
     parser.add_argument("--steps", type=world.count, default=600, help="total training steps (sets the lr schedule)")
+    parser.add_argument("--long-first", type=world.natural, default=0,
+                        help="steps at the start that show only the long captions (each object with its cell)")
     parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
     parser.add_argument("--batch-size", type=world.count, default=16, help="global batch size (split across processes)")
     parser.add_argument("--lr", type=world.positive, default=2e-3, help="peak learning rate (AdamW)")

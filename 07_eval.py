@@ -219,7 +219,7 @@ def top_targets(R, n):
 
 
 def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_captions=64, neg_text="keep",
-             device="cpu", progress=False, world_name="full", grid_path=None, method="heun"):
+             device="cpu", progress=False, world_name="full", grid_path=None, method="heun", cfg_max_t=1.0):
     """One model, one sampling seed, at the top reward target with guidance w = cfg: the mean of
     every reward on fresh captions of the world, the alignment reward fact by fact, and the
     GenEval-style scores of the tasks the world can draw. {metric: float}. With grid_path, the
@@ -228,7 +228,7 @@ def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_caption
     metas = geneval_prompts(per_task, tasks=WORLD_TASKS[world_name])
     prompts = captions + [m["prompt"] for m in metas]
     images = sampler.generate(model, prompts, *top_targets(len(names), len(prompts)), cfg, seed, steps, method,
-                              neg_text=neg_text, device=device, progress=progress)
+                              neg_text=neg_text, device=device, progress=progress, cfg_max_t=cfg_max_t)
     result = {name: float(fn(images[:n_captions], captions).nanmean()) for name, fn in rewards.REWARDS.items()}
     result.update(alignment_facts(images[:n_captions], captions))
     result.update(geneval(images[n_captions:], metas))
@@ -241,26 +241,27 @@ def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_caption
 
 
 def best_of_curve(model, names, select, n_prompts, max_k, cfg, steps, seed, neg_text, device, world_name="full",
-                  method="heun"):
+                  method="heun", cfg_max_t=1.0):
     """Test-time scaling (paper Fig. 8): 2^max_k candidates per prompt; for N = 1, 2, 4, ... the
     mean over prompts of the best `select` score among the first N candidates."""
     captions = sampler.fresh_captions(n_prompts, world_name=world_name)
     K = 2 ** max_k
     prompts = [p for p in captions for _ in range(K)]
     images = sampler.generate(model, prompts, *top_targets(len(names), len(prompts)), cfg, seed, steps, method,
-                              neg_text=neg_text, device=device)
+                              neg_text=neg_text, device=device, cfg_max_t=cfg_max_t)
     scores = rewards.REWARDS[select](images, prompts).view(n_prompts, K).nan_to_num(0.0)
     return {2 ** k: float(scores[:, :2 ** k].max(1).values.mean()) for k in range(max_k + 1)}
 
 
-def sweep(model, names, reward, settings, n_prompts, steps, seed, neg_text, device, world_name="full", method="heun"):
+def sweep(model, names, reward, settings, n_prompts, steps, seed, neg_text, device, world_name="full", method="heun",
+          cfg_max_t=1.0):
     """Paper Fig. 12: for each (level, w), sample with s+ = 1 except `reward` at that level and
     guidance w; that reward's mean per setting."""
     captions, j, out = sampler.fresh_captions(n_prompts, world_name=world_name), names.index(reward), []
     for level, w in settings:
         s_plus = [[1.0] * j + [float(level)] + [1.0] * (len(names) - j - 1)] * n_prompts
         images = sampler.generate(model, captions, s_plus, [[0.0] * len(names)] * n_prompts, w, seed, steps, method,
-                                  neg_text=neg_text, device=device)
+                                  neg_text=neg_text, device=device, cfg_max_t=cfg_max_t)
         out.append(float(rewards.REWARDS[reward](images, captions).nanmean()))
     return out
 
@@ -293,7 +294,7 @@ def contrast_probe(model, names, ts=PROBE_TS, n=64, device="cpu"):
 
 
 def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, path, world_name="full",
-                   method="heun"):
+                   method="heun", cfg_max_t=1.0):
     """Paper Fig. 9: a row per reward j, guided along j alone (s- = s+ = 1 except s-_j = 0), then a row per
     reward guided towards its low end (s- = s+ = 1 except s+_j = 0), the same noise in every row; the first
     row guides along all rewards at once."""
@@ -304,7 +305,7 @@ def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, 
     images, labels = [], []
     for label, s_plus, s_minus in rows:
         images.append(sampler.generate(model, captions, [s_plus] * n_prompts, [s_minus] * n_prompts, cfg,
-                                       seed, steps, method, neg_text=neg_text, device=device))
+                                       seed, steps, method, neg_text=neg_text, device=device, cfg_max_t=cfg_max_t))
         labels += [label] + [""] * (n_prompts - 1)
     world.save_grid(torch.cat(images), labels, path, columns=n_prompts)
 
@@ -331,7 +332,7 @@ def snapshot_evals(out, run, model, names, args, world_name, device):
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in snapshot["ema"].items()})
         records.append({"step": snapshot["step"], "eval": evaluate(
             model, names, 0, args.cfg, args.steps, args.curve_per_task, args.curve_captions, args.neg_text, device,
-            world_name=world_name, method=args.method)})
+            world_name=world_name, method=args.method, cfg_max_t=args.cfg_max_t)})
     model.load_state_dict(final)
     return records
 
@@ -406,7 +407,7 @@ def write_report(args, runs, device, eval_dir):
         per_seed = [evaluate(model, ckpt["reward_names"], seed, args.cfg, args.steps, args.per_task, args.captions,
                              args.neg_text, device, progress=True, world_name=world_name,
                              grid_path=os.path.join(eval_dir, f"geneval_{run}.png") if seed == 0 else None,
-                             method=args.method)
+                             method=args.method, cfg_max_t=args.cfg_max_t)
                     for seed in range(args.seeds)]
         summary[run] = {"mean": {m: float(np.mean([r[m] for r in per_seed])) for m in metrics},
                         "std": {m: float(np.std([r[m] for r in per_seed])) for m in metrics}}
@@ -415,7 +416,8 @@ def write_report(args, runs, device, eval_dir):
         print(f"{run} (step {ckpt['step']}): " + ", ".join(f"{m} {summary[run]['mean'][m]:.3f}"
                                                           for m in all_rewards + ["overall"]))
 
-    md = [f"# MIRO on the shapes world ({world_name})\n", f"Runs evaluated at w = {args.cfg} ({args.neg_text} text in the negative "
+    md = [f"# MIRO on the shapes world ({world_name})\n", f"Runs evaluated at w = {args.cfg}"
+          f"{f' at t <= {args.cfg_max_t:g} only' if args.cfg_max_t < 1 else ''} ({args.neg_text} text in the negative "
           f"branch; text guidance for runs without rewards), {args.steps} {args.method.capitalize()} steps, {args.seeds} sampling seeds "
           f"(mean ± std); reward means on {args.captions} fresh captions, GenEval-style scores on "
           f"{args.per_task} prompts per task.\n", markdown_table(summary, all_rewards + ["overall"]), "",
@@ -458,7 +460,8 @@ def write_report(args, runs, device, eval_dir):
                   f"{s['speedup']:.1f}x" if s["speedup"] else "-"] for m, s in speed.items()]),
                    "", "![curves](curves.png)", ""]
         curves = {run: best_of_curve(models[run][0], models[run][1]["reward_names"], args.select, args.best_prompts,
-                                     args.best_k, args.cfg, args.steps, 0, args.neg_text, device, world_name, args.method)
+                                     args.best_k, args.cfg, args.steps, 0, args.neg_text, device, world_name, args.method,
+                                     args.cfg_max_t)
                   for run in (miro, base)}
         results["best_of"] = {"select": args.select, "curves": curves}
         plot_xy(curves, "N (best of N)", f"best {args.select}", os.path.join(eval_dir, "best_of.png"), logx=True)
@@ -483,7 +486,7 @@ def write_report(args, runs, device, eval_dir):
     if miro:
         model, names = models[miro][0], models[miro][1]["reward_names"]
         levels = np.linspace(0, 1, args.sweep_levels).tolist()
-        common = (args.sweep_prompts, args.steps, 0, args.neg_text, device, world_name, args.method)
+        common = (args.sweep_prompts, args.steps, 0, args.neg_text, device, world_name, args.method, args.cfg_max_t)
         by_level = dict(zip(levels, sweep(model, names, args.sweep, [(v, args.cfg) for v in levels], *common)))
         by_w = dict(zip(args.cfg_sweep, sweep(model, names, args.sweep, [(1.0, w) for w in args.cfg_sweep], *common)))
         results["sweep"] = {"reward": args.sweep, "target": by_level, "cfg": by_w,
@@ -498,7 +501,7 @@ def write_report(args, runs, device, eval_dir):
                *table(["w", *(f"{k:g}" for k in by_w)], [[args.sweep, *(f"{v:.3f}" for v in by_w.values())]]), "",
                "![sweep](sweep.png) ![cfg](cfg.png)", ""]
         isolation_grid(model, names, args.grid_prompts, args.cfg, args.steps, 0, args.neg_text, device,
-                       os.path.join(eval_dir, "isolation.png"), world_name, args.method)
+                       os.path.join(eval_dir, "isolation.png"), world_name, args.method, args.cfg_max_t)
         md += ["## Guiding one reward at a time (paper Fig. 9)\n", "The same noise in every row: all rewards at s+ = 1, "
                "then each reward guided up alone (only ...), then each guided down alone (... at 0).\n",
                "![isolation](isolation.png)", ""]
@@ -537,6 +540,8 @@ def main():
     parser.add_argument("--cfg", type=world.finite, default=1.0, help="guidance weight w")
     parser.add_argument("--neg-text", default="keep", choices=["keep", "drop"], help="see 06_sample.py")
     parser.add_argument("--steps", type=world.count, default=12, help="sampling steps")
+    parser.add_argument("--cfg-max-t", type=world.fraction, default=1.0,
+                        help="guide only at t <= this (see 06_sample.py); 1 guides at every step")
     parser.add_argument("--method", default="heun", choices=["euler", "heun"],
                         help="sampler (06_sample.py): heun, second order, two evaluations a step but the last")
     parser.add_argument("--seeds", type=world.count, default=3, help="sampling seeds (the spread of every number)")
