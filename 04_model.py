@@ -68,11 +68,14 @@ from torch.utils.flop_counter import FlopCounterMode
 # patch of the shapes world lies close to a 256-wide subspace, which PCA finds at once and
 # gradient descent only after thousands of steps. Its patches read the caption themselves
 # (patch_cond), start from distinct cell codes, and 16 latents are enough for four cells (a
-# cheaper step buys more steps).
+# cheaper step buys more steps). Composition: the cells also read the caption through competing
+# heads (patch_bind), so that two cells do not both take "a red circle" whole, and the text
+# encoder sees neighbouring words (text_conv) and distances between words (text_rope), so that
+# "red" is bound to "circle" and not to the square after it.
 PRESETS = {
     "tiny": dict(image_size=32, patch_size=16, data_dim=256, latent_dim=128, num_latents=16, num_blocks=2,
                  num_layers=2, heads=4, text_dim=128, text_layers=2, text_len=64, prediction="x", patch_cond=True,
-                 cell_codes="random", interface="pca"),
+                 cell_codes="random", interface="pca", patch_bind=True, text_conv=3, text_rope=True),
     "small": dict(image_size=64, patch_size=4, data_dim=256, latent_dim=512, num_latents=128, num_blocks=4,
                   num_layers=2, heads=8, text_dim=512, text_layers=4, text_len=64),
     "paper": dict(image_size=256, patch_size=16, data_dim=256, latent_dim=1024, num_latents=256, num_blocks=4,
@@ -132,7 +135,8 @@ class Attention(nn.Module):
         parts = [] if h == H else [F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], attn_mask=mask)]
         if h:  # each context token shares itself out among the queries and a sink (logit 0) that takes the rest
             logits = q[:, :h] @ k[:, :h].transpose(-1, -2) / math.sqrt(q.shape[-1])        # (B, h, N, M)
-            weights = torch.softmax(torch.cat([logits, torch.zeros_like(logits[:, :, :1])], 2).float(), dim=2)
+            logits = torch.cat([logits, torch.zeros_like(logits[:, :, :1])], 2)           # a sink of logit 0
+            weights = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=2)
             weights = weights[:, :, :N].type_as(v) * (1 if mask is None else mask)
             parts.insert(0, weights @ v[:, :h])
         y = torch.cat(parts, 1) if len(parts) > 1 else parts[0]                          # (B, H, N, d)
@@ -142,12 +146,12 @@ class Attention(nn.Module):
 def rotary(x):
     """Rotary position embedding (Su et al. 2021) of x (B, H, L, d): channel pairs (i, i + d/2) of
     token n turned by n * 10000^(-2i/d), so that q.k depends on where two tokens are relative to each
-    other. Computed in float32."""
-    L, d = x.shape[-2], x.shape[-1]
-    freqs = torch.exp(-math.log(1e4) * torch.arange(d // 2, device=x.device) / (d // 2))
-    angles = torch.arange(L, device=x.device).float()[:, None] * freqs                 # (L, d/2)
+    other. Computed in at least float32."""
+    L, d, dtype = x.shape[-2], x.shape[-1], torch.promote_types(x.dtype, torch.float32)
+    freqs = torch.exp(-math.log(1e4) * torch.arange(d // 2, device=x.device, dtype=dtype) / (d // 2))
+    angles = torch.arange(L, device=x.device, dtype=dtype)[:, None] * freqs            # (L, d/2)
     cos, sin = angles.cos(), angles.sin()
-    a, b = x.float().chunk(2, dim=-1)
+    a, b = x.to(dtype).chunk(2, dim=-1)
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).type_as(x)
 
 
