@@ -200,9 +200,14 @@ def lr_at(step, args):
 
 def make_optimizer(model, args, device):
     """AdamW; weight decay on matrices only (not on norms and biases); fused (one kernel for all tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for text in (False, True):  # the own text encoder's parameters step --text-lr times as far
+        params = [p for name, p in named if name.startswith("text.") == text]
+        scale = getattr(args, "text_lr", 1.0) if text else 1.0
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    groups = [group for group in groups if group["params"]]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=device.type in ("cuda", "cpu"))
 
 
@@ -360,7 +365,7 @@ def train(args):
         eps = torch.randn(x.shape, generator=generator, device=device)
         self_cond = (torch.rand(len(x), generator=generator, device=device) < args.self_cond).float()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args) * group["lr_scale"]
         with autocast:
             per_image = flow_matching_loss(model, x, eps, t, batch_levels, batch_ids, self_cond, args.loss_weight)
         loss = per_image.mean()
@@ -436,6 +441,8 @@ def main():
     parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
     parser.add_argument("--batch-size", type=world.count, default=16, help="global batch size (split across processes)")
     parser.add_argument("--lr", type=world.positive, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--text-lr", type=world.positive, default=1.0,
+                        help="learning rate of the own text encoder, as a multiple of --lr")
     parser.add_argument("--warmup", type=world.natural, default=50, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=world.non_negative, default=0.01, help="AdamW weight decay on matrices")
     parser.add_argument("--grad-clip", type=world.positive, default=1.0, help="max gradient norm")

@@ -251,3 +251,28 @@ def test_t_shift_moves_the_median_towards_noise():
         for shift, median in ((1.0, 0.5), (3.0, 0.75)):
             t = train.sample_t(20_000, dist, generator, "cpu", shift)
             assert 0 < t.min() and t.max() < 1 and abs(t.median().item() - median) < 0.02
+
+
+def test_text_lr_moves_only_the_text_encoder_further():
+    """--text-lr 5: one step of the same gradient moves the own text encoder's weights 5 times as far
+    (Adam's first step is lr * sign of the gradient) and every other weight as far as before."""
+    model, _ = net.build("tiny", 0, num_blocks=1, text_layers=1)
+    x, t, levels, ids = net.dummy_inputs(dict(net.PRESETS["tiny"], num_blocks=1, text_layers=1, num_rewards=0), 2)
+    moved = {}
+    for scale in (1.0, 5.0):
+        copy, _ = net.build("tiny", 0, num_blocks=1, text_layers=1)
+        copy.load_state_dict(model.state_dict())
+        args = argparse.Namespace(lr=1e-3, weight_decay=0.0, text_lr=scale)
+        optimizer = train.make_optimizer(copy, args, torch.device("cpu"))
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * group["lr_scale"]
+        copy(x, t, levels, ids)[0].square().mean().backward()
+        optimizer.step()
+        moved[scale] = {name: (p - model.state_dict()[name]).abs().max().item() for name, p in copy.named_parameters()}
+    text = [name for name in moved[1.0] if name.startswith("text.") and moved[1.0][name] > 0]
+    other = [name for name in moved[1.0] if not name.startswith("text.") and moved[1.0][name] > 0]
+    assert text and other
+    for name in text:
+        assert moved[5.0][name] == pytest.approx(5 * moved[1.0][name], rel=1e-3), name
+    for name in other:
+        assert moved[5.0][name] == pytest.approx(moved[1.0][name], rel=1e-3), name
