@@ -10,7 +10,7 @@ WORLD=${WORLD:-full}
 case "$WORLD" in            # scenes, training steps per run (batch 16), and a quarter of them on long captions
   one)   SCENES=10000; DEFAULT_STEPS=1050; LONG=0 ;;   # one object: the mix alone teaches its cell
   clean) SCENES=20000; DEFAULT_STEPS=2400; LONG=4 ;;
-  full)  SCENES=20000; DEFAULT_STEPS=3600; LONG=4 ;;
+  full)  SCENES=20000; DEFAULT_STEPS=5400; LONG=4 ;;
   *) echo "run.sh: error: WORLD=$WORLD: use one, clean or full" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$DEFAULT_STEPS}
