@@ -100,10 +100,14 @@ CAPTION_KINDS = ("alt", "long", "short", "brief")  # captions.pt's (a folder of 
 # --captions mix: each kind the dataset has, brief ones three times as often as each other kind, so that
 # captions that leave a colour or a place open (the GenEval prompts "a circle.", "three squares.") are common
 MIX = ("alt", "long", "short", "brief", "brief", "brief")
+# --relation-steps: t is shifted this far towards noise, so that nearly every draw is at t > 0.9, where the noisy
+# image does not yet show where the objects are and only the caption's relation sentence can say it
+RELATION_T_SHIFT = 1000.0
 
 
 def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
-    """Images (memory-mapped), token ids per caption kind, reward levels in [0, 1] and names."""
+    """Images (memory-mapped), token ids per caption kind, reward levels in [0, 1], names, bins, the caption
+    kinds and the indices of the scenes whose short caption states a relation."""
     images = world.load_images(os.path.join(out, "images.npy"), STAGE)
     captions = world.load_pt(os.path.join(out, "captions.pt"), ["alt", "long", "short"], STAGE, "01_caption.py")
     bins = world.load_pt(os.path.join(out, "bins.pt"), ["names", "num_bins", "edges", "bins"], STAGE, "03_bin.py")
@@ -132,7 +136,10 @@ def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
             sys.exit(f"{STAGE}: error: --captions {captions_mode}: captions.pt has no {kind} captions "
                      f"(it has {', '.join(k for k in CAPTION_KINDS if k in captions)})")
     ids = torch.stack([net.tokenize(captions[kind], text_len, text_encoder) for kind in kinds])  # (kinds, N, L)
-    return images, ids, levels, names, bins, kinds
+    # the shapes world's scenes whose short caption states a relation (none for a folder of images)
+    relation = torch.tensor([i for i, m in enumerate(captions.get("meta", [])) if m.get("scene", {}).get("relation")],
+                            dtype=torch.long)
+    return images, ids, levels, names, bins, kinds, relation
 
 
 @functools.lru_cache(maxsize=2)
@@ -149,16 +156,25 @@ def batch_indices(step, batch, n, seed):
 
 
 def get_batch(step, args, data, rank, world_size, device):
-    """This rank's share of global batch `step`: images in [-1, 1], token ids, levels, and its RNG."""
-    images, ids, levels, first_kind = data
+    """This rank's share of global batch `step`: images in [-1, 1], token ids, levels, and its RNG.
+
+    The first --long-first steps show only long captions; the --relation-steps after them only the
+    scenes whose short caption states a relation, with that caption (relation_phase says when)."""
+    images, ids, levels, first_kind, relation, short_kind = data
     seed = args.seed * 1_000_003 + step * 1009 + rank
     generator = torch.Generator().manual_seed(seed)
-    idx = batch_indices(step, args.batch_size, len(images), args.seed).view(world_size, -1)[rank]
+    if relation_phase(step, args):  # the same global batch on every rank, drawn with replacement
+        pick = torch.randint(len(relation), (args.batch_size,), generator=torch.Generator().manual_seed(seed - rank))
+        idx = relation[pick].view(world_size, -1)[rank]
+    else:
+        idx = batch_indices(step, args.batch_size, len(images), args.seed).view(world_size, -1)[rank]
     idx = idx.sort().values  # sorted reads are faster on a memory map
     x = world.to_signed(images[idx.numpy()], device)  # (B, 3, H, W)
     kind = torch.randint(len(ids), (len(idx),), generator=generator)  # which of the --captions kinds
     if step < args.long_first:  # the first steps: every object with its cell
         kind[:] = first_kind
+    elif relation_phase(step, args):  # then: where one object is relative to another
+        kind[:] = short_kind
     batch_ids = ids[kind, idx]                                          # (B, L)
     drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
     batch_ids[drop] = net.tokenize([""], batch_ids.shape[1], args.text_encoder)
@@ -166,6 +182,11 @@ def get_batch(step, args, data, rank, world_size, device):
     longest = int((batch_ids != net.PAD_ID).sum(1).max())
     batch_ids = batch_ids[:, : min(batch_ids.shape[1], -(-longest // 8) * 8)]
     return x, batch_ids.to(device), levels[idx].to(device), torch.Generator(device).manual_seed(seed)
+
+
+def relation_phase(step, args):
+    """Is `step` one of the --relation-steps that follow the --long-first ones?"""
+    return args.long_first <= step < args.long_first + args.relation_steps
 
 
 def net_overrides(spec):
@@ -292,10 +313,15 @@ def train(args):
         text_len = model_args["text_len"]
     else:
         text_len = overrides.get("text_len", net.PRESETS[args.preset]["text_len"])
-    images, ids, levels, names, bins, kinds = load_data(args.out, args.rewards, args.captions, text_len, args.text_encoder)
+    images, ids, levels, names, bins, kinds, relation = load_data(args.out, args.rewards, args.captions, text_len,
+                                                                   args.text_encoder)
     if args.long_first and "long" not in kinds:
         sys.exit(f"{STAGE}: error: --long-first needs long captions in --captions (it is {args.captions})")
+    if args.relation_steps and ("short" not in kinds or not len(relation)):
+        sys.exit(f"{STAGE}: error: --relation-steps needs short captions in --captions and scenes with a relation "
+                 f"(the shapes world's clean or full)")
     first_kind = kinds.index("long") if args.long_first else None
+    short_kind = kinds.index("short") if args.relation_steps else None
     if model_args is None:  # the checkpoint records the text encoder, so 06/07 rebuild (and reload) it
         model_args = dict(net.PRESETS[args.preset], num_rewards=len(names), text_encoder=args.text_encoder, **overrides)
     changed = {k: v for k, v in overrides.items() if model_args.get(k) != v}
@@ -356,12 +382,13 @@ def train(args):
             if int(os.path.basename(snapshot)[:-3]) > step:  # from after the checkpoint, or an earlier run's
                 os.remove(snapshot)
 
-    data = (images, ids, levels, first_kind)
+    data = (images, ids, levels, first_kind, relation, short_kind)
     last_good, window, started = step, [], time.perf_counter()
     end = min(args.stop_at or args.steps, args.steps)
     while step < end:
         x, batch_ids, batch_levels, generator = get_batch(step, args, data, rank, world_size, device)
-        t = sample_t(len(x), args.t_dist, generator, device, args.t_shift)
+        shift = RELATION_T_SHIFT if relation_phase(step, args) else args.t_shift
+        t = sample_t(len(x), args.t_dist, generator, device, shift)
         eps = torch.randn(x.shape, generator=generator, device=device)
         self_cond = (torch.rand(len(x), generator=generator, device=device) < args.self_cond).float()
         for group in optimizer.param_groups:
@@ -438,6 +465,9 @@ def main():
     parser.add_argument("--steps", type=world.count, default=600, help="total training steps (sets the lr schedule)")
     parser.add_argument("--long-first", type=world.natural, default=0,
                         help="steps at the start that show only the long captions (each object with its cell)")
+    parser.add_argument("--relation-steps", type=world.natural, default=0,
+                        help="steps after --long-first that show only scenes with a relation, their short captions, "
+                             "nearly all at t > 0.9")
     parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
     parser.add_argument("--batch-size", type=world.count, default=16, help="global batch size (split across processes)")
     parser.add_argument("--lr", type=world.positive, default=2e-3, help="peak learning rate (AdamW)")
