@@ -106,6 +106,8 @@ def test_bad_input_gives_one_clear_line(data, tmp_path):
     fails_in_one_line("--out", data, "--preset", "huge", expect=["unknown preset huge", "tiny"])
     fails_in_one_line("--out", data, "--rewards", "alignment,beauty", expect=["unknown reward beauty", "alignment"])
     fails_in_one_line("--out", data, "--run", "never", "--resume", expect=["--resume", "no checkpoint"])
+    fails_in_one_line("--out", data, "--relation-steps", 5, "--captions", "long,brief",
+                      expect=["--relation-steps", "short captions"])
     # bins.pt of another dataset: other N, then the same N with other captions
     other = tmp_path / "other"
     for seed in (1, 2):
