@@ -225,7 +225,7 @@ def make_optimizer(model, args, device):
     groups = []
     for text in (False, True):  # the own text encoder's parameters step --text-lr times as far
         params = [p for name, p in named if name.startswith("text.") == text]
-        scale = getattr(args, "text_lr", 1.0) if text else 1.0
+        scale = args.text_lr if text else 1.0
         groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay, "lr_scale": scale},
                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     groups = [group for group in groups if group["params"]]

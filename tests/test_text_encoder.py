@@ -112,7 +112,7 @@ def test_frozen_encoder_gets_no_gradient_no_update_and_is_not_saved(kind, specs,
     calls = []
     call = type(encoder).__call__
     monkeypatch.setattr(type(encoder), "__call__", lambda self, ids: calls.append(1) or call(self, ids))
-    options = argparse.Namespace(lr=1e-2, weight_decay=0.01)
+    options = argparse.Namespace(lr=1e-2, weight_decay=0.01, text_lr=1.0)
     optimizer = train.make_optimizer(model.train(), options, torch.device("cpu"))
     x, t, levels, ids = net.dummy_inputs(model_args, 2)
     loss = train.flow_matching_loss(model, x.clamp(-1, 1), torch.randn_like(x), t, levels, ids, torch.ones(2)).mean()
