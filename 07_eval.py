@@ -547,7 +547,7 @@ def main():
     parser.add_argument("--seeds", type=world.count, default=3, help="sampling seeds (the spread of every number)")
     parser.add_argument("--per-task", type=world.count, default=50, help="GenEval-style prompts per task")
     parser.add_argument("--captions", type=world.count, default=64, help="fresh captions for the reward means")
-    parser.add_argument("--curve-per-task", type=world.count, default=4,
+    parser.add_argument("--curve-per-task", type=world.count, default=10,
                         help="GenEval-style prompts per task for each training snapshot (the convergence curves)")
     parser.add_argument("--curve-captions", type=world.count, default=32, help="fresh captions for each snapshot")
     parser.add_argument("--select", default="alignment", help="the reward that picks the best of N")

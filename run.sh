@@ -8,9 +8,9 @@ cd "$(dirname "$0")"
 OUT=${OUT:-out}
 WORLD=${WORLD:-full}
 case "$WORLD" in            # scenes, training steps per run (batch 16), a quarter of them on long captions,
-  one)   SCENES=10000; DEFAULT_STEPS=1050; LONG=0; RELATION=0 ;;   # and a third on relations (clean)
+  one)   SCENES=10000; DEFAULT_STEPS=1050; LONG=0; RELATION=0 ;;   # and a third (clean) or a sixth (full) on relations
   clean) SCENES=20000; DEFAULT_STEPS=2400; LONG=4; RELATION=3 ;;
-  full)  SCENES=20000; DEFAULT_STEPS=5400; LONG=4; RELATION=0 ;;
+  full)  SCENES=20000; DEFAULT_STEPS=5400; LONG=4; RELATION=6 ;;
   *) echo "run.sh: error: WORLD=$WORLD: use one, clean or full" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$DEFAULT_STEPS}
@@ -26,8 +26,8 @@ python 04_model.py   --preset tiny                                              
 # No latent self-conditioning (--self-cond 0): at this budget its extra pass costs more steps than it gives.
 # t is shifted towards noise (--t-shift 3), where the layout is decided, and on clean and full the first
 # quarter of the steps shows only the long captions (--long-first), each object named with its cell: on the
-# caption mix alone the network never learns which words name which cell. On clean, the next third shows only
-# scenes with a relation, nearly all at t > 0.9 (--relation-steps): without them no run learned "left of".
+# caption mix alone the network never learns which words name which cell. The next third (clean) or sixth (full)
+# shows only scenes with a relation, nearly all at t > 0.9 (--relation-steps): without them no run learned "left of".
 THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
 RECIPE="--self-cond 0 --t-shift 3 --long-first $((LONG ? STEPS / LONG : 0)) \
   --relation-steps $((RELATION ? STEPS / RELATION : 0)) --steps $STEPS --eval-every $EVAL"
