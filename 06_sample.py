@@ -32,6 +32,7 @@ held-out prompts; writes OUT/runs/NAME/samples.pt (images uint8 [N, H, W, 3], pr
 s_plus, s_minus [N, R], cfg, steps, seed) and OUT/runs/NAME/samples.png, a labelled grid.
 """
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -92,6 +93,35 @@ def parse_targets(spec, names, default):
 
 
 # ----------------------------------------------------------------------------- guidance (eq. 3)
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a batch is sampled, besides its prompts, targets and seed.
+
+    cfg        the guidance weight w of eq. 3 (0: the plain conditional velocity)
+    steps      integration steps from t = 1 to 0, method "euler" or "heun"
+    neg_text   the negative branch's caption: "keep" (eq. 3) or "drop" (the empty caption)
+    cfg_max_t  guide only at t <= this (1: every step)
+    t_scale    the network is told t * t_scale (<= 1). A network whose clean-image estimate keeps less
+               of an object than x_t already shows fades it a little at every step (07's contrast probe),
+               and an object that the caption leaves open (no colour) can fade away before it is drawn.
+               Told a smaller t, the network takes x_t as less noisy and keeps more of it; the velocity
+               is rebuilt from its estimate with the true t. Sampling at a shifted time step is a known
+               answer to this mismatch between training and sampling (exposure bias: Li et al. 2024).
+    """
+    cfg: float = 1.0
+    steps: int = 50
+    method: str = "euler"
+    neg_text: str = "keep"
+    cfg_max_t: float = 1.0
+    t_scale: float = 1.0
+
+
+def divisor(model, t):
+    """The t that the network's velocity is divided by: v = (x_t - x_hat) / t (04_model.py: x-prediction
+    clamps t at T_MIN)."""
+    return max(t, net.T_MIN) if model.prediction == "x" else t
+
+
 class Guided:
     """The guided velocity field of one batch: text and targets are fixed, x_t and t move.
 
@@ -99,13 +129,14 @@ class Guided:
     where c- is the caption (MIRO, eq. 3) or the empty caption (neg_text="drop", and always
     for a run without rewards). Each branch keeps its own self-conditioning latents from
     the previous call, as in training, where the network sees its own earlier guess.
+    With t_scale < 1 the network is told t * t_scale (Sampling).
     """
 
-    def __init__(self, model, ids, s_plus, s_minus, cfg, neg_text="keep", cfg_max_t=1.0):
+    def __init__(self, model, ids, s_plus, s_minus, cfg, neg_text="keep", cfg_max_t=1.0, t_scale=1.0):
         B = len(ids)
         drop = neg_text == "drop" or model.num_rewards == 0
         neg_ids = net.tokenize([""], ids.shape[1], model.text_encoder).to(ids.device).expand(B, -1) if drop else ids
-        self.model, self.cfg, self.guided, self.cfg_max_t = model, cfg, cfg != 0, cfg_max_t
+        self.model, self.cfg, self.guided, self.cfg_max_t, self.t_scale = model, cfg, cfg != 0, cfg_max_t, t_scale
         ids2 = torch.cat([ids, neg_ids]) if self.guided else ids
         self.tokens, self.mask = model.encode_text(ids2)  # text is encoded once for all steps
         self.levels = torch.cat([s_plus, s_minus]) if self.guided else s_plus  # (2B or B, R)
@@ -114,9 +145,12 @@ class Guided:
     def __call__(self, x, t):
         """x (B, 3, H, W), t float -> guided v (B, 3, H, W)."""
         x2 = torch.cat([x, x]) if self.guided else x
-        t2 = torch.full((len(x2),), float(t), device=x.device)
+        told = t * self.t_scale
+        t2 = torch.full((len(x2),), float(told), device=x.device)
         v, self.latents = self.model.denoise(x2, t2, self.levels, self.tokens, self.mask, self.latents)
         v = v.to(torch.promote_types(v.dtype, torch.float32))  # bf16 under autocast: guide in float32
+        if self.t_scale != 1:  # x_hat = x_t - told v: the velocity towards it from x_t at the true t
+            v = v * (divisor(self.model, told) / divisor(self.model, t))
         if not self.guided:
             return v
         v_pos, v_neg = v.chunk(2)
@@ -142,12 +176,11 @@ def integrate(velocity, noise, steps, method="euler"):
 
 
 @torch.no_grad()
-def sample(model, ids, s_plus, s_minus, cfg, noise, steps=50, method="euler", neg_text="keep", autocast=None,
-           cfg_max_t=1.0):
-    """Images in [-1, 1] (B, 3, H, W) for token ids (B, L) and targets s+/s- (B, R)."""
+def sample(model, ids, s_plus, s_minus, noise, how, autocast=None):
+    """Images in [-1, 1] (B, 3, H, W) for token ids (B, L), targets s+/s- (B, R) and Sampling how."""
     with autocast or torch.autocast(noise.device.type, enabled=False):
-        guided = Guided(model, ids, s_plus, s_minus, cfg, neg_text, cfg_max_t)
-        return integrate(guided, noise, steps, method).clamp(-1, 1)
+        guided = Guided(model, ids, s_plus, s_minus, how.cfg, how.neg_text, how.cfg_max_t, how.t_scale)
+        return integrate(guided, noise, how.steps, how.method).clamp(-1, 1)
 
 
 def to_uint8(x):
@@ -155,10 +188,9 @@ def to_uint8(x):
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def generate(model, prompts, s_plus, s_minus, cfg, seed, steps=50, method="euler", neg_text="keep",
-             batch_size=64, device="cpu", progress=False, cfg_max_t=1.0):
-    """uint8 images (N, H, W, 3) for N prompts and targets (N, R); image i's noise comes from
-    (seed, i) alone, so an image does not depend on the batch it was drawn in."""
+def generate(model, prompts, s_plus, s_minus, seed, how=Sampling(), batch_size=64, device="cpu", progress=False):
+    """uint8 images (N, H, W, 3) for N prompts and targets (N, R), sampled as Sampling how says; image
+    i's noise comes from (seed, i) alone, so an image does not depend on the batch it was drawn in."""
     size, R = model.image_size, model.num_rewards
     ids = net.tokenize(prompts, model.text_len, model.text_encoder)
     s_plus, s_minus = (torch.as_tensor(s, dtype=torch.float32).reshape(len(prompts), R) for s in (s_plus, s_minus))
@@ -167,8 +199,7 @@ def generate(model, prompts, s_plus, s_minus, cfg, seed, steps=50, method="euler
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
         sl = slice(start, start + batch_size)
-        x = sample(model, ids[sl].to(device), s_plus[sl].to(device), s_minus[sl].to(device),
-                   cfg, noise[sl].to(device), steps, method, neg_text, cfg_max_t=cfg_max_t)
+        x = sample(model, ids[sl].to(device), s_plus[sl].to(device), s_minus[sl].to(device), noise[sl].to(device), how)
         out.append(to_uint8(x))
     return torch.cat(out)
 
@@ -242,6 +273,8 @@ def main():
                         help="guide only at t <= this (1: every step; lower leaves the noisiest steps unguided)")
     parser.add_argument("--neg-text", default="keep", choices=["keep", "drop"],
                         help="negative branch: the caption (eq. 3) or the empty caption (adds text guidance)")
+    parser.add_argument("--t-scale", type=world.number(float, 0.0, 1.0, low_open=True), default=1.0,
+                        help="the network is told t times this (< 1: it keeps more of what x_t shows; see Sampling)")
     parser.add_argument("--isolate", metavar="REWARD", help="guide along this reward alone (s- = s+ but 0 there)")
     parser.add_argument("--interpolate", metavar="A,B", help="trade reward A against B over --alphas rows")
     parser.add_argument("--alphas", type=world.number(int, 2), default=5)
@@ -271,12 +304,12 @@ def main():
         s_minus += [neg] * len(prompts)
         labels += [label or prompt for prompt in prompts]
     K = args.best_of
+    how = Sampling(args.cfg, args.steps, args.method, args.neg_text, args.cfg_max_t, args.t_scale)
     print(f"run {args.run} (step {ckpt['step']}): {len(all_prompts)} images x {K} candidates, rewards "
           f"{names or 'none (text guidance)'}, s+ {rows[0][1]}, s- {rows[0][2]}, w {args.cfg}, {args.steps} "
           f"{args.method} steps")
     candidates = generate(model, [p for p in all_prompts for _ in range(K)], [s for s in s_plus for _ in range(K)],
-                          [s for s in s_minus for _ in range(K)], args.cfg, args.seed, args.steps, args.method,
-                          args.neg_text, args.batch_size, device, progress=True, cfg_max_t=args.cfg_max_t)
+                          [s for s in s_minus for _ in range(K)], args.seed, how, args.batch_size, device, progress=True)
     images = candidates
     if K > 1:
         scores = rewards.REWARDS[args.select](candidates, [p for p in all_prompts for _ in range(K)]).view(-1, K)
@@ -288,7 +321,7 @@ def main():
     shape = (len(all_prompts), len(names))
     world.save_atomic({"images": images, "prompts": all_prompts, "s_plus": torch.tensor(s_plus).reshape(shape),
                        "s_minus": torch.tensor(s_minus).reshape(shape), "cfg": args.cfg, "cfg_max_t": args.cfg_max_t,
-                       "steps": args.steps, "seed": args.seed, "version": VERSION, "config": world.file_config(args)},
+                       "t_scale": args.t_scale, "steps": args.steps, "seed": args.seed, "version": VERSION, "config": world.file_config(args)},
                       os.path.join(run_dir, "samples.pt"))
     world.save_grid(images, labels, os.path.join(run_dir, "samples.png"), columns=min(len(prompts), 8))
     print(f"wrote {os.path.join(run_dir, 'samples.pt')} and samples.png ({len(images)} images)")

@@ -40,6 +40,7 @@ Reads OUT/runs/NAME/ckpt.pt, log.jsonl and snapshots/ (05_train.py --eval-every)
 figures embedded), OUT/eval/results.json (every number, per seed) and OUT/eval/*.png.
 """
 import argparse
+import dataclasses
 import glob
 import importlib
 import json
@@ -218,17 +219,17 @@ def top_targets(R, n):
     return [[1.0] * R] * n, [[0.0] * R] * n
 
 
-def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_captions=64, neg_text="keep",
-             device="cpu", progress=False, world_name="full", grid_path=None, method="heun", cfg_max_t=1.0):
-    """One model, one sampling seed, at the top reward target with guidance w = cfg: the mean of
+def evaluate(model, names, seed, how, per_task=PER_TASK, n_captions=64, device="cpu", progress=False,
+             world_name="full", grid_path=None):
+    """One model, one sampling seed, at the top reward target, sampled as `how` (06's Sampling): the mean of
     every reward on fresh captions of the world, the alignment reward fact by fact, and the
     GenEval-style scores of the tasks the world can draw. {metric: float}. With grid_path, the
     first GRID_COLUMNS images of each task go to a PNG, a row per task, each under its prompt."""
     captions = sampler.fresh_captions(n_captions, world_name=world_name)
     metas = geneval_prompts(per_task, tasks=WORLD_TASKS[world_name])
     prompts = captions + [m["prompt"] for m in metas]
-    images = sampler.generate(model, prompts, *top_targets(len(names), len(prompts)), cfg, seed, steps, method,
-                              neg_text=neg_text, device=device, progress=progress, cfg_max_t=cfg_max_t)
+    images = sampler.generate(model, prompts, *top_targets(len(names), len(prompts)), seed, how, device=device,
+                              progress=progress)
     result = {name: float(fn(images[:n_captions], captions).nanmean()) for name, fn in rewards.REWARDS.items()}
     result.update(alignment_facts(images[:n_captions], captions))
     result.update(geneval(images[n_captions:], metas))
@@ -240,28 +241,25 @@ def evaluate(model, names, seed, cfg=1.0, steps=12, per_task=PER_TASK, n_caption
     return result
 
 
-def best_of_curve(model, names, select, n_prompts, max_k, cfg, steps, seed, neg_text, device, world_name="full",
-                  method="heun", cfg_max_t=1.0):
+def best_of_curve(model, names, select, n_prompts, max_k, how, seed, device, world_name="full"):
     """Test-time scaling (paper Fig. 8): 2^max_k candidates per prompt; for N = 1, 2, 4, ... the
     mean over prompts of the best `select` score among the first N candidates."""
     captions = sampler.fresh_captions(n_prompts, world_name=world_name)
     K = 2 ** max_k
     prompts = [p for p in captions for _ in range(K)]
-    images = sampler.generate(model, prompts, *top_targets(len(names), len(prompts)), cfg, seed, steps, method,
-                              neg_text=neg_text, device=device, cfg_max_t=cfg_max_t)
+    images = sampler.generate(model, prompts, *top_targets(len(names), len(prompts)), seed, how, device=device)
     scores = rewards.REWARDS[select](images, prompts).view(n_prompts, K).nan_to_num(0.0)
     return {2 ** k: float(scores[:, :2 ** k].max(1).values.mean()) for k in range(max_k + 1)}
 
 
-def sweep(model, names, reward, settings, n_prompts, steps, seed, neg_text, device, world_name="full", method="heun",
-          cfg_max_t=1.0):
+def sweep(model, names, reward, settings, n_prompts, how, seed, device, world_name="full"):
     """Paper Fig. 12: for each (level, w), sample with s+ = 1 except `reward` at that level and
-    guidance w; that reward's mean per setting."""
+    guidance w (the rest as `how` says); that reward's mean per setting."""
     captions, j, out = sampler.fresh_captions(n_prompts, world_name=world_name), names.index(reward), []
     for level, w in settings:
         s_plus = [[1.0] * j + [float(level)] + [1.0] * (len(names) - j - 1)] * n_prompts
-        images = sampler.generate(model, captions, s_plus, [[0.0] * len(names)] * n_prompts, w, seed, steps, method,
-                                  neg_text=neg_text, device=device, cfg_max_t=cfg_max_t)
+        images = sampler.generate(model, captions, s_plus, [[0.0] * len(names)] * n_prompts, seed,
+                                  dataclasses.replace(how, cfg=w), device=device)
         out.append(float(rewards.REWARDS[reward](images, captions).nanmean()))
     return out
 
@@ -293,8 +291,7 @@ def contrast_probe(model, names, ts=PROBE_TS, n=64, device="cpu"):
     return out
 
 
-def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, path, world_name="full",
-                   method="heun", cfg_max_t=1.0):
+def isolation_grid(model, names, n_prompts, how, seed, device, path, world_name="full"):
     """Paper Fig. 9: a row per reward j, guided along j alone (s- = s+ = 1 except s-_j = 0), then a row per
     reward guided towards its low end (s- = s+ = 1 except s+_j = 0), the same noise in every row; the first
     row guides along all rewards at once."""
@@ -304,8 +301,8 @@ def isolation_grid(model, names, n_prompts, cfg, steps, seed, neg_text, device, 
             + [(f"{n} at 0", but(j, 0.0), [1.0] * R) for j, n in enumerate(names)])
     images, labels = [], []
     for label, s_plus, s_minus in rows:
-        images.append(sampler.generate(model, captions, [s_plus] * n_prompts, [s_minus] * n_prompts, cfg,
-                                       seed, steps, method, neg_text=neg_text, device=device, cfg_max_t=cfg_max_t))
+        images.append(sampler.generate(model, captions, [s_plus] * n_prompts, [s_minus] * n_prompts, seed, how,
+                                       device=device))
         labels += [label] + [""] * (n_prompts - 1)
     world.save_grid(torch.cat(images), labels, path, columns=n_prompts)
 
@@ -319,9 +316,9 @@ def read_log(out, run):
     return [r for r in world.read_jsonl(path, STAGE) if "loss" in r]
 
 
-def snapshot_evals(out, run, model, names, args, world_name, device):
+def snapshot_evals(out, run, model, names, how, per_task, n_captions, world_name, device):
     """Reward against training step (paper Fig. 5): each EMA snapshot 05_train.py --eval-every saved,
-    loaded into the run's network and evaluated as the final model is, on fewer prompts.
+    loaded into the run's network and evaluated as the final model is (sampled as `how`), on fewer prompts.
     [{"step", "eval": {metric: float}}] in step order; [] without snapshots."""
     folder = os.path.join(out, "runs", run, "snapshots")
     files = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
@@ -330,9 +327,8 @@ def snapshot_evals(out, run, model, names, args, world_name, device):
     for name in files:
         snapshot = world.load_pt(os.path.join(folder, name), ["ema", "step"], STAGE, "05_train.py --eval-every")
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in snapshot["ema"].items()})
-        records.append({"step": snapshot["step"], "eval": evaluate(
-            model, names, 0, args.cfg, args.steps, args.curve_per_task, args.curve_captions, args.neg_text, device,
-            world_name=world_name, method=args.method, cfg_max_t=args.cfg_max_t)})
+        records.append({"step": snapshot["step"], "eval": evaluate(model, names, 0, how, per_task, n_captions, device,
+                                                                    world_name=world_name)})
     model.load_state_dict(final)
     return records
 
@@ -403,11 +399,11 @@ def write_report(args, runs, device, eval_dir):
     all_rewards = list(rewards.REWARDS)
     metrics = all_rewards + list(tasks) + ["overall"] + list(FACTS)
     summary, results = {}, {"config": vars(args), "world": world_name, "runs": {}}
+    how = sampler.Sampling(args.cfg, args.steps, args.method, args.neg_text, args.cfg_max_t, args.t_scale)
     for run, (model, ckpt) in models.items():
-        per_seed = [evaluate(model, ckpt["reward_names"], seed, args.cfg, args.steps, args.per_task, args.captions,
-                             args.neg_text, device, progress=True, world_name=world_name,
-                             grid_path=os.path.join(eval_dir, f"geneval_{run}.png") if seed == 0 else None,
-                             method=args.method, cfg_max_t=args.cfg_max_t)
+        per_seed = [evaluate(model, ckpt["reward_names"], seed, how, args.per_task, args.captions, device, progress=True,
+                             world_name=world_name,
+                             grid_path=os.path.join(eval_dir, f"geneval_{run}.png") if seed == 0 else None)
                     for seed in range(args.seeds)]
         summary[run] = {"mean": {m: float(np.mean([r[m] for r in per_seed])) for m in metrics},
                         "std": {m: float(np.std([r[m] for r in per_seed])) for m in metrics}}
@@ -418,7 +414,8 @@ def write_report(args, runs, device, eval_dir):
 
     md = [f"# MIRO on the shapes world ({world_name})\n", f"Runs evaluated at w = {args.cfg}"
           f"{f' at t <= {args.cfg_max_t:g} only' if args.cfg_max_t < 1 else ''} ({args.neg_text} text in the negative "
-          f"branch; text guidance for runs without rewards), {args.steps} {args.method.capitalize()} steps, {args.seeds} sampling seeds "
+          f"branch; text guidance for runs without rewards), {args.steps} {args.method.capitalize()} steps"
+          f"{f', the network told t x {args.t_scale:g}' if args.t_scale < 1 else ''}, {args.seeds} sampling seeds "
           f"(mean ± std); reward means on {args.captions} fresh captions, GenEval-style scores on "
           f"{args.per_task} prompts per task.\n", markdown_table(summary, all_rewards + ["overall"]), "",
           markdown_table(summary, list(tasks)), "", "What the alignment reward found, fact by fact (stated_drawn: every "
@@ -448,8 +445,8 @@ def write_report(args, runs, device, eval_dir):
         results["miro_beats_baseline"] = beats
         md += [f"{miro} beats {base} by more than the seed spread on: "
                f"{', '.join(m for m, ok in beats.items() if ok) or 'nothing'}.", ""]
-        evals = {run: snapshot_evals(args.out, run, models[run][0], models[run][1]["reward_names"], args, world_name,
-                                     device) for run in (miro, base)}
+        evals = {run: snapshot_evals(args.out, run, models[run][0], models[run][1]["reward_names"], how,
+                                     args.curve_per_task, args.curve_captions, world_name, device) for run in (miro, base)}
         if all(evals.values()):
             speed = {m: speedup(evals[miro], evals[base], m) for m in all_rewards + ["overall"]}
             results["speedup"] = speed
@@ -460,8 +457,7 @@ def write_report(args, runs, device, eval_dir):
                   f"{s['speedup']:.1f}x" if s["speedup"] else "-"] for m, s in speed.items()]),
                    "", "![curves](curves.png)", ""]
         curves = {run: best_of_curve(models[run][0], models[run][1]["reward_names"], args.select, args.best_prompts,
-                                     args.best_k, args.cfg, args.steps, 0, args.neg_text, device, world_name, args.method,
-                                     args.cfg_max_t)
+                                     args.best_k, how, 0, device, world_name)
                   for run in (miro, base)}
         results["best_of"] = {"select": args.select, "curves": curves}
         plot_xy(curves, "N (best of N)", f"best {args.select}", os.path.join(eval_dir, "best_of.png"), logx=True)
@@ -486,7 +482,7 @@ def write_report(args, runs, device, eval_dir):
     if miro:
         model, names = models[miro][0], models[miro][1]["reward_names"]
         levels = np.linspace(0, 1, args.sweep_levels).tolist()
-        common = (args.sweep_prompts, args.steps, 0, args.neg_text, device, world_name, args.method, args.cfg_max_t)
+        common = (args.sweep_prompts, how, 0, device, world_name)
         by_level = dict(zip(levels, sweep(model, names, args.sweep, [(v, args.cfg) for v in levels], *common)))
         by_w = dict(zip(args.cfg_sweep, sweep(model, names, args.sweep, [(1.0, w) for w in args.cfg_sweep], *common)))
         results["sweep"] = {"reward": args.sweep, "target": by_level, "cfg": by_w,
@@ -500,8 +496,8 @@ def write_report(args, runs, device, eval_dir):
                       [[args.sweep, *(f"{v:.3f}" for v in by_level.values())]]), "",
                *table(["w", *(f"{k:g}" for k in by_w)], [[args.sweep, *(f"{v:.3f}" for v in by_w.values())]]), "",
                "![sweep](sweep.png) ![cfg](cfg.png)", ""]
-        isolation_grid(model, names, args.grid_prompts, args.cfg, args.steps, 0, args.neg_text, device,
-                       os.path.join(eval_dir, "isolation.png"), world_name, args.method, args.cfg_max_t)
+        isolation_grid(model, names, args.grid_prompts, how, 0, device, os.path.join(eval_dir, "isolation.png"),
+                       world_name)
         md += ["## Guiding one reward at a time (paper Fig. 9)\n", "The same noise in every row: all rewards at s+ = 1, "
                "then each reward guided up alone (only ...), then each guided down alone (... at 0).\n",
                "![isolation](isolation.png)", ""]
@@ -542,6 +538,8 @@ def main():
     parser.add_argument("--steps", type=world.count, default=12, help="sampling steps")
     parser.add_argument("--cfg-max-t", type=world.fraction, default=1.0,
                         help="guide only at t <= this (see 06_sample.py); 1 guides at every step")
+    parser.add_argument("--t-scale", type=world.number(float, 0.0, 1.0, low_open=True), default=1.0,
+                        help="the network is told t times this (see 06_sample.Sampling)")
     parser.add_argument("--method", default="heun", choices=["euler", "heun"],
                         help="sampler (06_sample.py): heun, second order, two evaluations a step but the last")
     parser.add_argument("--seeds", type=world.count, default=3, help="sampling seeds (the spread of every number)")

@@ -1,5 +1,4 @@
 """07_eval.py: the convergence speed-up on known curves, the report end to end, bad input."""
-import argparse
 import json
 import os
 import shutil
@@ -48,9 +47,8 @@ def test_training_snapshots_are_evaluated_by_07(runs):
     """05 saves EMA snapshots (--eval-every) and 07 evaluates them: reward against step, with no
     later stage imported by 05."""
     model, ckpt = ev.sampler.load_run(runs, "miro")
-    args = argparse.Namespace(cfg=1.0, steps=2, curve_per_task=1, curve_captions=2, neg_text="keep", method="heun",
-                              cfg_max_t=1.0)
-    evals = ev.snapshot_evals(runs, "miro", model, ckpt["reward_names"], args, "full", "cpu")
+    how = ev.sampler.Sampling(cfg=1.0, steps=2, method="heun")
+    evals = ev.snapshot_evals(runs, "miro", model, ckpt["reward_names"], how, 1, 2, "full", "cpu")
     assert [r["step"] for r in evals] == [1, 2]
     assert set(ev.rewards.REWARDS) | set(ev.TASKS) | {"overall"} <= set(evals[0]["eval"])
     assert 'import_module("07_eval")' not in (ROOT / "05_train.py").read_text()

@@ -23,7 +23,7 @@ def test_the_recipe_learns_the_first_rung(tmp_path):
     model, ckpt = sampler.load_run(tmp_path, "baseline")
     metas = ev.geneval_prompts(36, tasks=("colors",))  # each colour and kind twice
     images = sampler.generate(model, [m["prompt"] for m in metas], [[]] * len(metas), [[]] * len(metas),
-                              cfg=1.0, seed=0, steps=12, method="heun", cfg_max_t=0.7)  # as run.sh's report
+                              seed=0, how=sampler.Sampling(cfg=1.0, steps=12, method="heun", cfg_max_t=0.7))  # as run.sh's report
     colors = ev.geneval(images, metas)["colors"]
     print(f"colors {colors:.3f} after {STEPS} steps")
     assert colors >= COLORS_AT_LEAST, f"after {STEPS} steps the baseline draws the named colour and kind " \

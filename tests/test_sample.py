@@ -84,6 +84,26 @@ def test_cfg_max_t_leaves_the_noisier_steps_unguided(model):
     torch.testing.assert_close(guided(x, 0.3), v_pos + 2.0 * (v_pos - v_neg), **tolerance(2.0))
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("t", [0.5, 0.06])
+def test_t_scale_keeps_the_networks_estimate_told_a_smaller_t(model, t):
+    """With t_scale, the network is told t * t_scale and the velocity leads from x_t at the true t to the
+    clean-image estimate it made: x_t - t v = the estimate of the network told t * t_scale (at t = 0.06 the
+    told t is below T_MIN, where x-prediction divides by T_MIN)."""
+    assert model.prediction == "x"
+    x, ids, s_plus, s_minus = inputs()
+    told = t * 0.5
+    v_told = model(x, t_(told), s_plus, ids)[0]
+    estimate = x - max(told, net.T_MIN) * v_told
+    v = sampler.Guided(model, ids, s_plus, s_minus, 0.0, t_scale=0.5)(x, t)
+    torch.testing.assert_close(x - max(t, net.T_MIN) * v, estimate, **tolerance(0))
+    assert (v - model(x, t_(t), s_plus, ids)[0]).abs().max() > 1e-3  # told the true t, it would differ
+
+
+def test_t_scale_outside_0_1_is_refused_in_one_line(tmp_path):
+    fails_in_one_line("06_sample.py", "--out", tmp_path, "--t-scale", 0, expect=["--t-scale", "> 0.0"])
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_a_constant_velocity_field_integrates_exactly(method):
     noise, c = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
