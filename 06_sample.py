@@ -116,6 +116,25 @@ class Sampling:
     t_scale: float = 1.0
 
 
+def add_sampling_args(parser, steps=50, method="euler"):
+    """The options of a Sampling, shared by this stage and 07 (which samples with other defaults)."""
+    parser.add_argument("--cfg", type=world.finite, default=1.0, help="guidance weight w of eq. 3 (0: no guidance)")
+    parser.add_argument("--cfg-max-t", type=world.fraction, default=1.0,
+                        help="guide only at t <= this (1: every step; lower leaves the noisiest steps unguided)")
+    parser.add_argument("--neg-text", default="keep", choices=["keep", "drop"],
+                        help="negative branch: the caption (eq. 3) or the empty caption (adds text guidance)")
+    parser.add_argument("--t-scale", type=world.number(float, 0.0, 1.0, low_open=True), default=1.0,
+                        help="the network is told t times this (< 1: it keeps more of what x_t shows; see Sampling)")
+    parser.add_argument("--steps", type=world.count, default=steps, help="integration steps from t = 1 to 0")
+    parser.add_argument("--method", default=method, choices=["euler", "heun"],
+                        help="euler, or heun: second order, two evaluations a step (the last step is Euler)")
+
+
+def sampling_of(args):
+    """The Sampling that add_sampling_args' options describe."""
+    return Sampling(args.cfg, args.steps, args.method, args.neg_text, args.cfg_max_t, args.t_scale)
+
+
 def divisor(model, t):
     """The t that the network's velocity is divided by: v = (x_t - x_hat) / t (04_model.py: x-prediction
     clamps t at T_MIN)."""
@@ -268,20 +287,12 @@ def main():
     parser.add_argument("--caption-kind", default="short", choices=["alt", "long", "short", "brief"])
     parser.add_argument("--pos", help="s+: levels in reward order (1,0.5,...) or name=level,...; default all 1")
     parser.add_argument("--neg", help="s-: as --pos; default all 0")
-    parser.add_argument("--cfg", type=world.finite, default=1.0, help="guidance weight w of eq. 3 (0: no guidance)")
-    parser.add_argument("--cfg-max-t", type=world.fraction, default=1.0,
-                        help="guide only at t <= this (1: every step; lower leaves the noisiest steps unguided)")
-    parser.add_argument("--neg-text", default="keep", choices=["keep", "drop"],
-                        help="negative branch: the caption (eq. 3) or the empty caption (adds text guidance)")
-    parser.add_argument("--t-scale", type=world.number(float, 0.0, 1.0, low_open=True), default=1.0,
-                        help="the network is told t times this (< 1: it keeps more of what x_t shows; see Sampling)")
+    add_sampling_args(parser)
     parser.add_argument("--isolate", metavar="REWARD", help="guide along this reward alone (s- = s+ but 0 there)")
     parser.add_argument("--interpolate", metavar="A,B", help="trade reward A against B over --alphas rows")
     parser.add_argument("--alphas", type=world.number(int, 2), default=5)
     parser.add_argument("--best-of", type=world.count, default=1, metavar="N", help="candidates per prompt")
     parser.add_argument("--select", metavar="REWARD", help="the reward that picks the best of N")
-    parser.add_argument("--steps", type=world.count, default=50)
-    parser.add_argument("--method", default="euler", choices=["euler", "heun"])
     parser.add_argument("--seed", type=world.natural, default=0)
     parser.add_argument("--batch-size", type=world.count, default=64)
     parser.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA")
@@ -304,7 +315,7 @@ def main():
         s_minus += [neg] * len(prompts)
         labels += [label or prompt for prompt in prompts]
     K = args.best_of
-    how = Sampling(args.cfg, args.steps, args.method, args.neg_text, args.cfg_max_t, args.t_scale)
+    how = sampling_of(args)
     print(f"run {args.run} (step {ckpt['step']}): {len(all_prompts)} images x {K} candidates, rewards "
           f"{names or 'none (text guidance)'}, s+ {rows[0][1]}, s- {rows[0][2]}, w {args.cfg}, {args.steps} "
           f"{args.method} steps")
@@ -321,7 +332,8 @@ def main():
     shape = (len(all_prompts), len(names))
     world.save_atomic({"images": images, "prompts": all_prompts, "s_plus": torch.tensor(s_plus).reshape(shape),
                        "s_minus": torch.tensor(s_minus).reshape(shape), "cfg": args.cfg, "cfg_max_t": args.cfg_max_t,
-                       "t_scale": args.t_scale, "steps": args.steps, "seed": args.seed, "version": VERSION, "config": world.file_config(args)},
+                       "t_scale": args.t_scale, "steps": args.steps, "seed": args.seed, "version": VERSION,
+                       "config": world.file_config(args)},
                       os.path.join(run_dir, "samples.pt"))
     world.save_grid(images, labels, os.path.join(run_dir, "samples.png"), columns=min(len(prompts), 8))
     print(f"wrote {os.path.join(run_dir, 'samples.pt')} and samples.png ({len(images)} images)")

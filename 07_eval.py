@@ -399,7 +399,7 @@ def write_report(args, runs, device, eval_dir):
     all_rewards = list(rewards.REWARDS)
     metrics = all_rewards + list(tasks) + ["overall"] + list(FACTS)
     summary, results = {}, {"config": vars(args), "world": world_name, "runs": {}}
-    how = sampler.Sampling(args.cfg, args.steps, args.method, args.neg_text, args.cfg_max_t, args.t_scale)
+    how = sampler.sampling_of(args)
     for run, (model, ckpt) in models.items():
         per_seed = [evaluate(model, ckpt["reward_names"], seed, how, args.per_task, args.captions, device, progress=True,
                              world_name=world_name,
@@ -533,15 +533,7 @@ def main():
     parser = world.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out")
     parser.add_argument("--runs", help="comma-separated run names (default: every run with a checkpoint)")
-    parser.add_argument("--cfg", type=world.finite, default=1.0, help="guidance weight w")
-    parser.add_argument("--neg-text", default="keep", choices=["keep", "drop"], help="see 06_sample.py")
-    parser.add_argument("--steps", type=world.count, default=12, help="sampling steps")
-    parser.add_argument("--cfg-max-t", type=world.fraction, default=1.0,
-                        help="guide only at t <= this (see 06_sample.py); 1 guides at every step")
-    parser.add_argument("--t-scale", type=world.number(float, 0.0, 1.0, low_open=True), default=1.0,
-                        help="the network is told t times this (see 06_sample.Sampling)")
-    parser.add_argument("--method", default="heun", choices=["euler", "heun"],
-                        help="sampler (06_sample.py): heun, second order, two evaluations a step but the last")
+    sampler.add_sampling_args(parser, steps=12, method="heun")  # --cfg, --cfg-max-t, --neg-text, --t-scale, ...
     parser.add_argument("--seeds", type=world.count, default=3, help="sampling seeds (the spread of every number)")
     parser.add_argument("--per-task", type=world.count, default=50, help="GenEval-style prompts per task")
     parser.add_argument("--captions", type=world.count, default=64, help="fresh captions for the reward means")
