@@ -311,6 +311,74 @@ def world_of(captions):
     return captions.get("world", "full")
 
 
+# ----------------------------------------------------------------------------- main
+def main():
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out", help="working folder for every STAGE's files")
+    parser.add_argument("--source", default="shapes", choices=["shapes", "folder"], help="built-in shapes world or a folder")
+    parser.add_argument("--n", type=count, default=20000, help="number of shapes-world scenes")
+    parser.add_argument("--size", type=count, default=32, help="image side in pixels (32 default, 64 option)")
+    parser.add_argument("--seed", type=natural, default=0, help="seed of the shapes world")
+    parser.add_argument("--world", default="full", choices=list(WORLDS),
+                        help="one: one clean object an image; clean: 1-4 objects, no degradation; full: the whole world")
+    parser.add_argument("--images", help="folder of jpg/png/webp images (with --source folder)")
+    parser.add_argument("--alt-file", help="alt text: JSON {file: text} or 'file<TAB>text' lines (else sidecar .txt)")
+    parser.add_argument("--captioner", default=DEFAULT_CAPTIONER,
+                        help="with --source folder: hub id or local folder of an image-text-to-text model, or none (keep the alt text)")
+    parser.add_argument("--caption-size", type=count, default=448, help="side in pixels of the square the captioner sees")
+    parser.add_argument("--caption-batch-size", type=count, default=8, help="images per generate call")
+    parser.add_argument("--max-new-tokens", type=count, default=256, help="longest answer of the captioner, in tokens")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu: where the captioner runs")
+    args = parser.parse_args()
+    if args.source == "shapes" and (args.n < 1 or args.size < 16 or args.size % 16):
+        sys.exit(f"{STAGE}: error: --n must be >= 1 and --size a multiple of 16 (got {args.n}, {args.size})")
+    if args.source == "folder" and not args.images:
+        sys.exit(f"{STAGE}: error: --source folder needs --images DIR")
+    if min(args.caption_size, args.caption_batch_size, args.max_new_tokens) < 1:
+        sys.exit(f"{STAGE}: error: --caption-size, --caption-batch-size and --max-new-tokens must be >= 1")
+    captioning = args.source == "folder" and args.captioner != "none"
+    if captioning and args.captioner.startswith(("/", "./", "../", "~")) and not os.path.isdir(
+            os.path.expanduser(args.captioner)):
+        sys.exit(f"{STAGE}: error: --captioner {args.captioner}: no such folder (a local model folder, or a hub id "
+                 f"such as {DEFAULT_CAPTIONER})")
+    device = resolve_device(args.device, STAGE) if captioning else None
+    prepare_out(args.out, STAGE)
+
+    rank, world_size = distributed(args.device) if captioning else (0, 1)
+    if args.source == "shapes":
+        images, captions = make_shapes(args.n, args.size, args.seed, args.world)
+    else:
+        images, captions = load_folder(args.images, args.size, args.alt_file, verbose=rank == 0)
+        fallbacks = {"long": len(images), "short": len(images)}  # every caption is the alt text ...
+        if captioning:  # ... unless a model writes them: each rank captions its share, rank 0 gathers
+            model, processor = load_or_explain(
+                STAGE, "the captioner", args.captioner, lambda: load_vlm(args.captioner, device),
+                f"pass --captioner DIR (hf download {args.captioner} --local-dir DIR), or --captioner none")
+            long, short, fallbacks = caption_folder(model, processor, args.images, captions, args.caption_size,
+                                                    args.caption_batch_size, args.max_new_tokens, rank, world_size)
+            parts = merge_parts({"long": long, "short": short, "fallbacks": fallbacks},
+                                os.path.join(args.out, "captions.pt"), rank, world_size)
+            if rank != 0:
+                return
+            captions["long"] = [c for part in parts for c in part["long"]]
+            captions["short"] = [c for part in parts for c in part["short"]]
+            fallbacks = {k: sum(part["fallbacks"][k] for part in parts) for k in ("long", "short")}
+            print(f"captioned {len(images)} images with {args.captioner}: {fallbacks['long']} long and "
+                  f"{fallbacks['short']} short answer(s) had no caption between <CAPTION> tags and keep the alt text")
+        else:
+            print("long and short captions keep the alt text (--captioner none)")
+        captions.update(captioner=args.captioner if captioning else None, fallbacks=fallbacks)
+    captions.update(images_id=images_id(images), version=VERSION, config=file_config(args))
+    save_together({os.path.join(args.out, "images.npy"): images, os.path.join(args.out, "captions.pt"): captions})
+    shown = min(16, len(images))  # a look at the data, each image under its short caption
+    save_grid(images[:shown], captions["short"][:shown], os.path.join(args.out, "world.png"), columns=8)
+    print(f"wrote {len(images)} images {images.shape[1]}x{images.shape[2]} to {args.out}/images.npy and captions.pt, "
+          f"the first {shown} in world.png")
+    for i in range(min(3, len(images))):
+        print(f"  [{i}] alt: {captions['alt'][i]!r}\n      long: {captions['long'][i]!r}\n      short: {captions['short'][i]!r}"
+              + (f"\n      brief: {captions['brief'][i]!r}" if "brief" in captions else ""))
+
+
 # ============================================================================= the file contract every stage uses
 # 02-07 import this stage as `world` for these helpers: flag
 # types, checked loading and atomic saving of the stage files, devices, several GPUs.
@@ -583,78 +651,10 @@ def merge_parts(part, path, rank, world_size):
     return parts
 
 
-# ----------------------------------------------------------------------------- main
-def main():
-    parser = Parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="out", help="working folder for every STAGE's files")
-    parser.add_argument("--source", default="shapes", choices=["shapes", "folder"], help="built-in shapes world or a folder")
-    parser.add_argument("--n", type=count, default=20000, help="number of shapes-world scenes")
-    parser.add_argument("--size", type=count, default=32, help="image side in pixels (32 default, 64 option)")
-    parser.add_argument("--seed", type=natural, default=0, help="seed of the shapes world")
-    parser.add_argument("--world", default="full", choices=list(WORLDS),
-                        help="one: one clean object an image; clean: 1-4 objects, no degradation; full: the whole world")
-    parser.add_argument("--images", help="folder of jpg/png/webp images (with --source folder)")
-    parser.add_argument("--alt-file", help="alt text: JSON {file: text} or 'file<TAB>text' lines (else sidecar .txt)")
-    parser.add_argument("--captioner", default=DEFAULT_CAPTIONER,
-                        help="with --source folder: hub id or local folder of an image-text-to-text model, or none (keep the alt text)")
-    parser.add_argument("--caption-size", type=count, default=448, help="side in pixels of the square the captioner sees")
-    parser.add_argument("--caption-batch-size", type=count, default=8, help="images per generate call")
-    parser.add_argument("--max-new-tokens", type=count, default=256, help="longest answer of the captioner, in tokens")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu: where the captioner runs")
-    args = parser.parse_args()
-    if args.source == "shapes" and (args.n < 1 or args.size < 16 or args.size % 16):
-        sys.exit(f"{STAGE}: error: --n must be >= 1 and --size a multiple of 16 (got {args.n}, {args.size})")
-    if args.source == "folder" and not args.images:
-        sys.exit(f"{STAGE}: error: --source folder needs --images DIR")
-    if min(args.caption_size, args.caption_batch_size, args.max_new_tokens) < 1:
-        sys.exit(f"{STAGE}: error: --caption-size, --caption-batch-size and --max-new-tokens must be >= 1")
-    captioning = args.source == "folder" and args.captioner != "none"
-    if captioning and args.captioner.startswith(("/", "./", "../", "~")) and not os.path.isdir(
-            os.path.expanduser(args.captioner)):
-        sys.exit(f"{STAGE}: error: --captioner {args.captioner}: no such folder (a local model folder, or a hub id "
-                 f"such as {DEFAULT_CAPTIONER})")
-    device = resolve_device(args.device, STAGE) if captioning else None
-    prepare_out(args.out, STAGE)
-
-    rank, world_size = distributed(args.device) if captioning else (0, 1)
-    if args.source == "shapes":
-        images, captions = make_shapes(args.n, args.size, args.seed, args.world)
-    else:
-        images, captions = load_folder(args.images, args.size, args.alt_file, verbose=rank == 0)
-        fallbacks = {"long": len(images), "short": len(images)}  # every caption is the alt text ...
-        if captioning:  # ... unless a model writes them: each rank captions its share, rank 0 gathers
-            model, processor = load_or_explain(
-                STAGE, "the captioner", args.captioner, lambda: load_vlm(args.captioner, device),
-                f"pass --captioner DIR (hf download {args.captioner} --local-dir DIR), or --captioner none")
-            long, short, fallbacks = caption_folder(model, processor, args.images, captions, args.caption_size,
-                                                    args.caption_batch_size, args.max_new_tokens, rank, world_size)
-            parts = merge_parts({"long": long, "short": short, "fallbacks": fallbacks},
-                                os.path.join(args.out, "captions.pt"), rank, world_size)
-            if rank != 0:
-                return
-            captions["long"] = [c for part in parts for c in part["long"]]
-            captions["short"] = [c for part in parts for c in part["short"]]
-            fallbacks = {k: sum(part["fallbacks"][k] for part in parts) for k in ("long", "short")}
-            print(f"captioned {len(images)} images with {args.captioner}: {fallbacks['long']} long and "
-                  f"{fallbacks['short']} short answer(s) had no caption between <CAPTION> tags and keep the alt text")
-        else:
-            print("long and short captions keep the alt text (--captioner none)")
-        captions.update(captioner=args.captioner if captioning else None, fallbacks=fallbacks)
-    captions.update(images_id=images_id(images), version=VERSION, config=file_config(args))
-    save_together({os.path.join(args.out, "images.npy"): images, os.path.join(args.out, "captions.pt"): captions})
-    shown = min(16, len(images))  # a look at the data, each image under its short caption
-    save_grid(images[:shown], captions["short"][:shown], os.path.join(args.out, "world.png"), columns=8)
-    print(f"wrote {len(images)} images {images.shape[1]}x{images.shape[2]} to {args.out}/images.npy and captions.pt, "
-          f"the first {shown} in world.png")
-    for i in range(min(3, len(images))):
-        print(f"  [{i}] alt: {captions['alt'][i]!r}\n      long: {captions['long'][i]!r}\n      short: {captions['short'][i]!r}"
-              + (f"\n      brief: {captions['brief'][i]!r}" if "brief" in captions else ""))
-
-
 # ============================================================================= real images
-# Everything above makes the shapes world and the files every stage shares. What follows is the
-# path for a folder of real images (--source folder): reading them, and a vision-language model
-# that writes their long and short captions.
+# Everything above makes the shapes world (the tutorial path, then main) and the files every stage
+# shares. What follows is the path for a folder of real images (--source folder): reading them, and
+# a vision-language model that writes their long and short captions.
 
 # ----------------------------------------------------------------------------- a folder of images
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
