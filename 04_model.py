@@ -15,9 +15,12 @@ A reward token = MLP(sinusoid(level)) + a learned embedding saying which reward 
 where level = bin / (B - 1) in [0, 1] (03_bin.py). With R = 0 the same class is the
 unconditioned baseline: it has no reward tokens at all.
 
-Latent self-conditioning: the latents of a previous pass (detached) are added to the
-initial latents, so the network refines its own guess across sampling steps. 05_train.py
-feeds them 90% of the time, from a first pass without gradients.
+Self-conditioning: what a previous pass made (detached) comes back as an input, so the network
+refines its own guess across sampling steps. self_cond="latents" (RIN): its latents, added to
+the initial latents; self_cond="image": its clean-image estimate, read through a zero-initialised
+patch layer beside x_t (Chen et al. 2023, "Analog Bits"), so that each cell sees what the last
+step drew there, without the noise. 05_train.py --self-cond says how often the first pass (without
+gradients) runs in training.
 
 What the network's raw output F stands for (prediction=):
   - "x" (the tiny preset): F is the clean image, and v = (x_t - F) / t, the velocity that
@@ -315,8 +318,11 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned", patch_compete=False, patch_bind=False, text_conv=0, text_rope=False):
+                 patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned", patch_compete=False, patch_bind=False, text_conv=0, text_rope=False,
+                 self_cond="latents"):
         super().__init__()
+        if self_cond not in ("latents", "image"):
+            raise ValueError(f"self_cond must be 'latents' or 'image', not {self_cond!r}")
         if prediction not in ("v", "x"):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
         if interface not in ("learned", "pca"):
@@ -327,7 +333,7 @@ class TextRIN(nn.Module):
             raise ValueError(f"interface 'pca' needs data_dim <= a patch's {3 * patch_size ** 2} values, not {data_dim}")
         if cell_codes not in ("sincos", "random"):
             raise ValueError(f"cell_codes must be 'sincos' or 'random', not {cell_codes!r}")
-        self.sigma_data, self.text_encoder, self.prediction = sigma_data, text_encoder, prediction
+        self.sigma_data, self.text_encoder, self.prediction, self.self_cond = sigma_data, text_encoder, prediction, self_cond
         self.image_size, self.patch_size, self.num_rewards, self.text_len = image_size, patch_size, num_rewards, text_len
         num_patches, patch_values = (image_size // patch_size) ** 2, 3 * patch_size ** 2
         # interface: patches in and out, linear (started from PCA with interface="pca", by fit_interface)
@@ -351,6 +357,8 @@ class TextRIN(nn.Module):
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
         self.prev_norm, self.prev_proj = RMSNorm(latent_dim), nn.Linear(latent_dim, latent_dim)
+        if self_cond == "image":  # the previous clean-image estimate, patch by patch (zero-initialised below)
+            self.prev_image_in = nn.Linear(patch_values, data_dim, bias=False)  # no bias: zeros are no estimate
         # conditioning tokens: time, one per reward (none for the baseline), text
         self.time_embed = embedder(latent_dim)
         if num_rewards:
@@ -374,6 +382,8 @@ class TextRIN(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.zeros_(self.prev_proj.weight)
+        if self_cond == "image":
+            nn.init.zeros_(self.prev_image_in.weight)
         if zero_init:  # every residual branch starts as the identity (its last layer at zero)
             for module in self.modules():
                 if isinstance(module, Block):
@@ -422,11 +432,20 @@ class TextRIN(nn.Module):
         always = torch.ones(t.shape[0], 1 + self.num_rewards, dtype=torch.bool, device=t.device)
         return torch.cat(tokens, dim=1), torch.cat([always, text_mask], dim=1)
 
-    def denoise(self, x_t, t, levels, text_tokens, text_mask, prev_latents=None):
-        """x_t (B, 3, H, W) in [-1, 1] scale, t (B,), levels (B, R) -> v (B, 3, H, W), latents (B, n, D)."""
+    def estimate(self, x_t, v, t):
+        """The clean-image estimate x_hat = x_t - t v behind a velocity (t clamped as velocity_from_image
+        clamps it under x-prediction): x_t (B, 3, H, W), v like it, t (B,)."""
+        t = t.float().view(-1, 1, 1, 1)
+        return x_t - (t.clamp_min(T_MIN) if self.prediction == "x" else t) * v
+
+    def denoise(self, x_t, t, levels, text_tokens, text_mask, prev_latents=None, prev_image=None):
+        """x_t (B, 3, H, W) in [-1, 1] scale, t (B,), levels (B, R) -> v (B, 3, H, W), latents (B, n, D).
+        prev_image (self_cond="image"): the previous pass's clean-image estimate (None: zeros)."""
         B, _, H, W = x_t.shape
         p = self.patch_size
         patches = self.patch_norm(self.patch_in(self.patchify(x_t))) + self.patch_pos       # (B, P, data_dim)
+        if prev_image is not None:
+            patches = patches + self.prev_image_in(self.patchify(prev_image.to(patches.dtype)))
         latents = self.latents.expand(B, -1, -1)                                 # (B, n, latent_dim)
         if prev_latents is None:  # no previous pass: zeros, as for the 10% of training without one
             prev_latents = torch.zeros_like(latents)
@@ -447,16 +466,20 @@ class TextRIN(nn.Module):
         return c_skip * x_t + c_out * out, latents
 
 
-    def forward(self, x_t, t, levels, text_ids, prev_latents=None, self_cond=None):
+    def forward(self, x_t, t, levels, text_ids, prev_latents=None, self_cond=None, prev_image=None):
         """With self_cond (B,) (training): a first pass without gradients makes a guess, and the
-        returned pass sees its latents where self_cond is 1 (zeros where 0, as at the first
-        sampling step). Both passes share one encoding of the caption."""
+        returned pass sees its latents (or, self_cond="image", its clean-image estimate) where
+        self_cond is 1 (zeros where 0, as at the first sampling step). Both passes share one
+        encoding of the caption."""
         text_tokens, text_mask = self.encode_text(text_ids)
         if self_cond is not None:
             with torch.no_grad():
-                _, guess = self.denoise(x_t, t, levels, text_tokens.detach(), text_mask)
-            prev_latents = guess * self_cond.view(-1, 1, 1).to(guess.dtype)
-        return self.denoise(x_t, t, levels, text_tokens, text_mask, prev_latents)
+                v, guess = self.denoise(x_t, t, levels, text_tokens.detach(), text_mask)
+            if self.self_cond == "image":
+                prev_image = self.estimate(x_t, v, t) * self_cond.view(-1, 1, 1, 1).to(v.dtype)
+            else:
+                prev_latents = guess * self_cond.view(-1, 1, 1).to(guess.dtype)
+        return self.denoise(x_t, t, levels, text_tokens, text_mask, prev_latents, prev_image)
 
 
 def build(preset, num_rewards, **overrides):

@@ -79,10 +79,11 @@ def noisy(x, eps, t):
 
 def flow_matching_loss(model, x, eps, t, levels, ids, self_cond, weight="image"):
     """Per-image loss ||v(x_t) - (eps - x)||^2 (paper eq. 2), times max(t, T_MIN)^2 with
-    weight "image" (the squared error of x_hat = x_t - t v), with latent self-conditioning.
+    weight "image" (the squared error of x_hat = x_t - t v), with self-conditioning.
 
     self_cond (B,) is 1 where the network first makes a guess without gradients and then
-    sees its own (detached) latents, 0 where it sees zeros, as at the first sampling step.
+    sees its own (detached) latents or clean-image estimate (04_model.TextRIN's self_cond),
+    0 where it sees zeros, as at the first sampling step.
     Both passes run inside one call of the model, so that DDP and torch.compile see one forward.
     """
     if not self_cond.any():  # no image would use the first pass: skip it
@@ -477,7 +478,8 @@ def main():
     parser.add_argument("--weight-decay", type=world.non_negative, default=0.01, help="AdamW weight decay on matrices")
     parser.add_argument("--grad-clip", type=world.positive, default=1.0, help="max gradient norm")
     parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
-    parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of latent self-conditioning")
+    parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of self-conditioning (on the latents, or with --net self_cond=image on the "
+                        "clean-image estimate)")
     parser.add_argument("--net", default="", help="network settings that replace the preset's, e.g. "
                         "patch_cond=true,cell_codes=random (04_model.TextRIN's arguments)")
     parser.add_argument("--text-encoder", default="own", help="own (a small transformer trained with the net) or "

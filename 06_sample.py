@@ -146,8 +146,8 @@ class Guided:
 
     Both branches go through the network in one forward of 2B rows: (c, s+) then (c-, s-),
     where c- is the caption (MIRO, eq. 3) or the empty caption (neg_text="drop", and always
-    for a run without rewards). Each branch keeps its own self-conditioning latents from
-    the previous call, as in training, where the network sees its own earlier guess.
+    for a run without rewards). Each branch keeps its own self-conditioning latents (or clean-image
+    estimate) from the previous call, as in training, where the network sees its own earlier guess.
     With t_scale < 1 the network is told t * t_scale (Sampling).
     """
 
@@ -159,15 +159,17 @@ class Guided:
         ids2 = torch.cat([ids, neg_ids]) if self.guided else ids
         self.tokens, self.mask = model.encode_text(ids2)  # text is encoded once for all steps
         self.levels = torch.cat([s_plus, s_minus]) if self.guided else s_plus  # (2B or B, R)
-        self.latents = None
+        self.latents = self.image = None
 
     def __call__(self, x, t):
         """x (B, 3, H, W), t float -> guided v (B, 3, H, W)."""
         x2 = torch.cat([x, x]) if self.guided else x
         told = t * self.t_scale
         t2 = torch.full((len(x2),), float(told), device=x.device)
-        v, self.latents = self.model.denoise(x2, t2, self.levels, self.tokens, self.mask, self.latents)
+        v, self.latents = self.model.denoise(x2, t2, self.levels, self.tokens, self.mask, self.latents, self.image)
         v = v.to(torch.promote_types(v.dtype, torch.float32))  # bf16 under autocast: guide in float32
+        if self.model.self_cond == "image":
+            self.image = self.model.estimate(x2, v, t2)
         if self.t_scale != 1:  # x_hat = x_t - told v: the velocity towards it from x_t at the true t
             v = v * (divisor(self.model, told) / divisor(self.model, t))
         if not self.guided:

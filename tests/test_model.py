@@ -105,6 +105,26 @@ def test_self_cond_call_is_the_two_passes_it_replaces():
     assert not torch.allclose(got[0], zeros[0]) and torch.allclose(got[1], zeros[1], atol=1e-12, rtol=0)
 
 
+def test_image_self_cond_reads_the_first_pass_estimate():
+    """self_cond="image": the second pass sees the first pass's clean-image estimate x_t - t v
+    (t clamped at T_MIN under x-prediction) times s; an estimate of zeros is no estimate."""
+    model, args = tiny(2, self_cond="image")
+    model = model.double()
+    torch.nn.init.normal_(model.prev_image_in.weight, std=0.01)  # zero at init: the estimate would change nothing
+    x_t, _, levels, ids = net.dummy_inputs(args, 3)
+    x_t, levels, t, s = x_t.double(), levels.double(), torch.tensor([0.02, 0.5, 0.9]), torch.tensor([1.0, 0.0, 1.0])
+    with torch.no_grad():
+        v, _ = model(x_t, t, levels, ids)
+        estimate = x_t - t.clamp_min(net.T_MIN).double().view(-1, 1, 1, 1) * v
+        expected, _ = model(x_t, t, levels, ids, prev_image=estimate * s.view(-1, 1, 1, 1))
+        zeros, _ = model(x_t, t, levels, ids, prev_image=torch.zeros_like(x_t))
+    torch.testing.assert_close(model.estimate(x_t, v, t), estimate, atol=1e-12, rtol=0)
+    got, _ = model(x_t, t, levels, ids, self_cond=s)
+    assert torch.allclose(got, expected, atol=1e-12, rtol=0)
+    assert not torch.allclose(got[0], v[0]) and torch.allclose(got[1], v[1], atol=1e-12, rtol=0)
+    assert torch.allclose(zeros, v, atol=1e-12, rtol=0)
+
+
 def test_tokenizer_is_open_clips_and_leaves_the_package_unimported():
     """tokenize() loads open_clip's tokenizer.py alone: the same ids as the package's CLIP tokenizer,
     without importing open_clip (and with it torchvision and timm) in a stage on the default path."""

@@ -51,6 +51,24 @@ def test_cfg_zero_is_the_conditional_velocity(model):
 
 
 @torch.no_grad()
+def test_image_self_cond_carries_each_branchs_estimate_to_the_next_call():
+    """self_cond="image": each call hands the network the clean-image estimate of its own branch's
+    previous call (x_t - t v of the unguided velocities), as training hands it the first pass's."""
+    torch.manual_seed(0)
+    m, _ = net.build("tiny", num_rewards=3, self_cond="image")
+    with torch.no_grad():
+        m.prev_image_in.weight.normal_(0, 0.01)
+    m = m.double().eval()
+    x, ids, s_plus, s_minus = inputs()
+    guided = sampler.Guided(m, ids, s_plus, s_minus, cfg=2.0)
+    guided(x, 0.7)
+    estimates = [m.estimate(x, m(x, t_(0.7), s, ids)[0], t_(0.7)) for s in (s_plus, s_minus)]
+    v_pos, v_neg = (m(x, t_(0.4), s, ids, prev_image=e)[0] for s, e in zip((s_plus, s_minus), estimates))
+    torch.testing.assert_close(guided(x, 0.4), v_pos + 2.0 * (v_pos - v_neg), **tolerance(2.0))
+    assert (v_pos - m(x, t_(0.4), s_plus, ids)[0]).abs().max() > 1e-3  # the estimate changed the velocity
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("cfg", [1.0, 7.5])
 def test_equal_targets_give_the_conditional_velocity_for_any_cfg(model, cfg):
     x, ids, s_plus, _ = inputs()
