@@ -106,9 +106,10 @@ MIX = ("alt", "long", "short", "brief", "brief", "brief")
 RELATION_T_SHIFT = 1000.0
 
 
-def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
+def load_data(out, reward_spec, captions_mode, text_len, text_encoder, relation_objects=4):
     """Images (memory-mapped), token ids per caption kind, reward levels in [0, 1], names, bins, the caption
-    kinds and the indices of the scenes whose short caption states a relation."""
+    kinds and the indices of the scenes whose short caption states a relation (with at most relation_objects
+    objects)."""
     images = world.load_images(os.path.join(out, "images.npy"), STAGE)
     captions = world.load_pt(os.path.join(out, "captions.pt"), ["alt", "long", "short"], STAGE, "01_caption.py")
     bins = world.load_pt(os.path.join(out, "bins.pt"), ["names", "num_bins", "edges", "bins"], STAGE, "03_bin.py")
@@ -138,8 +139,8 @@ def load_data(out, reward_spec, captions_mode, text_len, text_encoder):
                      f"(it has {', '.join(k for k in CAPTION_KINDS if k in captions)})")
     ids = torch.stack([net.tokenize(captions[kind], text_len, text_encoder) for kind in kinds])  # (kinds, N, L)
     # the shapes world's scenes whose short caption states a relation (none for a folder of images)
-    relation = torch.tensor([i for i, m in enumerate(captions.get("meta", [])) if m.get("scene", {}).get("relation")],
-                            dtype=torch.long)
+    relation = torch.tensor([i for i, m in enumerate(captions.get("meta", [])) if m.get("scene", {}).get("relation")
+                             and len(m["scene"]["objects"]) <= relation_objects], dtype=torch.long)
     return images, ids, levels, names, bins, kinds, relation
 
 
@@ -186,8 +187,10 @@ def get_batch(step, args, data, rank, world_size, device):
 
 
 def relation_phase(step, args):
-    """Is `step` one of the --relation-steps that follow the --long-first ones?"""
-    return args.long_first <= step < args.long_first + args.relation_steps
+    """Is `step` one of the --relation-steps? They follow the --long-first ones, every --relation-every-th
+    step (1: one block) until there are --relation-steps of them."""
+    since, every = step - args.long_first, args.relation_every
+    return since >= 0 and since % every == 0 and since // every < args.relation_steps
 
 
 def net_overrides(spec):
@@ -315,7 +318,7 @@ def train(args):
     else:
         text_len = overrides.get("text_len", net.PRESETS[args.preset]["text_len"])
     images, ids, levels, names, bins, kinds, relation = load_data(args.out, args.rewards, args.captions, text_len,
-                                                                   args.text_encoder)
+                                                                   args.text_encoder, args.relation_objects)
     if args.long_first and "long" not in kinds:
         sys.exit(f"{STAGE}: error: --long-first needs long captions in --captions (it is {args.captions})")
     if args.relation_steps and ("short" not in kinds or not len(relation)):
@@ -469,6 +472,10 @@ def main():
     parser.add_argument("--relation-steps", type=world.natural, default=0,
                         help="steps after --long-first that show only scenes with a relation, their short captions, "
                              "nearly all at t > 0.9")
+    parser.add_argument("--relation-every", type=world.count, default=1,
+                        help="after --long-first, every this-th step is a relation step (1: the --relation-steps in one block)")
+    parser.add_argument("--relation-objects", type=world.count, default=4,
+                        help="the --relation-steps show scenes of at most this many objects")
     parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
     parser.add_argument("--batch-size", type=world.count, default=16, help="global batch size (split across processes)")
     parser.add_argument("--lr", type=world.positive, default=2e-3, help="peak learning rate (AdamW)")

@@ -234,7 +234,7 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
 
 
 def test_batch_ids_are_trimmed_to_the_longest_caption_rounded_up_to_8():
-    args = argparse.Namespace(seed=0, batch_size=4, text_drop=0.0, text_encoder="own", long_first=0, relation_steps=0)
+    args = argparse.Namespace(seed=0, batch_size=4, text_drop=0.0, text_encoder="own", long_first=0, relation_steps=0, relation_every=1)
     captions = ["a red circle.", "two blue squares and a green triangle.", "a circle.", "an orange square."]
     ids = net.tokenize(captions, 64)[None]                   # one caption kind, (1, 4, 64)
     data = (np.zeros((4, 8, 8, 3), np.uint8), ids, torch.zeros(4, 1), None, torch.zeros(0, dtype=torch.long), None)
@@ -245,7 +245,7 @@ def test_batch_ids_are_trimmed_to_the_longest_caption_rounded_up_to_8():
 
 
 def test_long_first_shows_only_the_long_captions_for_its_steps():
-    args = argparse.Namespace(seed=0, batch_size=64, text_drop=0.0, text_encoder="own", long_first=3, relation_steps=0)
+    args = argparse.Namespace(seed=0, batch_size=64, text_drop=0.0, text_encoder="own", long_first=3, relation_steps=0, relation_every=1)
     ids = torch.stack([torch.full((64, 8), 7), torch.full((64, 8), 9)])  # two caption kinds; the second is long
     data = (np.zeros((64, 8, 8, 3), np.uint8), ids, torch.zeros(64, 1), 1, torch.zeros(0, dtype=torch.long), None)
     first = [train.get_batch(step, args, data, 0, 1, torch.device("cpu"))[1] for step in range(4)]
@@ -256,7 +256,7 @@ def test_long_first_shows_only_the_long_captions_for_its_steps():
 def test_relation_steps_show_only_scenes_with_a_relation_and_their_short_captions():
     """After 2 long-first steps, 3 relation steps: only the scenes listed as having a relation, each with
     its short caption, the same global batch split across ranks; then the mix again."""
-    args = argparse.Namespace(seed=0, batch_size=8, text_drop=0.0, text_encoder="own", long_first=2, relation_steps=3)
+    args = argparse.Namespace(seed=0, batch_size=8, text_drop=0.0, text_encoder="own", long_first=2, relation_steps=3, relation_every=1)
     n = 40
     images = np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)  # image i is i
     ids = torch.stack([torch.full((n, 8), 7), torch.full((n, 8), 9), torch.full((n, 8), 5)])  # alt, long, short
@@ -274,6 +274,8 @@ def test_relation_steps_show_only_scenes_with_a_relation_and_their_short_caption
         else:
             assert not shown(x) <= set(relation.tolist()) and (batch_ids != 5).any()
     assert [train.relation_phase(step, args) for step in range(6)] == [False, False, True, True, True, False]
+    args.relation_every = 2  # interleaved: every second step after the long-first ones, three of them
+    assert [train.relation_phase(step, args) for step in range(10)] == [False, False] + [True, False] * 3 + [False, False]
 
 
 def test_batches_cover_every_image_once_per_epoch():

@@ -278,3 +278,12 @@ def test_text_lr_moves_only_the_text_encoder_further():
         assert moved[5.0][name] == pytest.approx(5 * moved[1.0][name], rel=1e-3), name
     for name in other:
         assert moved[5.0][name] == pytest.approx(moved[1.0][name], rel=1e-3), name
+
+
+def test_relation_objects_keeps_the_relation_scenes_of_few_objects(data):
+    """--relation-objects N: the relation steps draw from the scenes with a relation and at most N objects."""
+    captions = torch.load(data / "captions.pt", weights_only=False)
+    scenes = [m["scene"] for m in captions["meta"]]
+    every, two = (train.load_data(data, "none", "mix", 64, "own", n)[-1].tolist() for n in (4, 2))
+    assert every == [i for i, s in enumerate(scenes) if s["relation"]]
+    assert two == [i for i in every if len(scenes[i]["objects"]) == 2] and 0 < len(two) < len(every)
