@@ -318,8 +318,8 @@ class TextRIN(nn.Module):
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned", patch_compete=False, patch_bind=False, text_conv=0, text_rope=False,
-                 self_cond="latents"):
+                 patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned", patch_compete=False,
+                 patch_bind=False, text_conv=0, text_rope=False, self_cond="latents"):
         super().__init__()
         if self_cond not in ("latents", "image"):
             raise ValueError(f"self_cond must be 'latents' or 'image', not {self_cond!r}")
@@ -472,13 +472,16 @@ class TextRIN(nn.Module):
         self_cond is 1 (zeros where 0, as at the first sampling step). Both passes share one
         encoding of the caption."""
         text_tokens, text_mask = self.encode_text(text_ids)
-        if self_cond is not None:
+        if self_cond is not None:  # the first pass runs only for the images that see its guess
+            on = self_cond > 0
             with torch.no_grad():
-                v, guess = self.denoise(x_t, t, levels, text_tokens.detach(), text_mask)
+                v, guess = self.denoise(x_t[on], t[on], levels[on], text_tokens[on].detach(), text_mask[on])
             if self.self_cond == "image":
-                prev_image = self.estimate(x_t, v, t) * self_cond.view(-1, 1, 1, 1).to(v.dtype)
+                prev_image = torch.zeros_like(x_t)
+                prev_image[on] = (self.estimate(x_t[on], v, t[on]) * self_cond[on].view(-1, 1, 1, 1)).to(x_t.dtype)
             else:
-                prev_latents = guess * self_cond.view(-1, 1, 1).to(guess.dtype)
+                prev_latents = guess.new_zeros(len(x_t), *guess.shape[1:])
+                prev_latents[on] = guess * self_cond[on].view(-1, 1, 1).to(guess.dtype)
         return self.denoise(x_t, t, levels, text_tokens, text_mask, prev_latents, prev_image)
 
 

@@ -108,8 +108,8 @@ RELATION_T_SHIFT = 1000.0
 
 def load_data(out, reward_spec, captions_mode, text_len, text_encoder, relation_objects=4):
     """Images (memory-mapped), token ids per caption kind, reward levels in [0, 1], names, bins, the caption
-    kinds and the indices of the scenes whose short caption states a relation (with at most relation_objects
-    objects)."""
+    kinds, the indices of the scenes whose short caption states a relation (with at most relation_objects
+    objects) and those of the scenes of two or more objects of one kind (what "three squares." asks for)."""
     images = world.load_images(os.path.join(out, "images.npy"), STAGE)
     captions = world.load_pt(os.path.join(out, "captions.pt"), ["alt", "long", "short"], STAGE, "01_caption.py")
     bins = world.load_pt(os.path.join(out, "bins.pt"), ["names", "num_bins", "edges", "bins"], STAGE, "03_bin.py")
@@ -141,7 +141,9 @@ def load_data(out, reward_spec, captions_mode, text_len, text_encoder, relation_
     # the shapes world's scenes whose short caption states a relation (none for a folder of images)
     relation = torch.tensor([i for i, m in enumerate(captions.get("meta", [])) if m.get("scene", {}).get("relation")
                              and len(m["scene"]["objects"]) <= relation_objects], dtype=torch.long)
-    return images, ids, levels, names, bins, kinds, relation
+    count = torch.tensor([i for i, m in enumerate(captions.get("meta", [])) if len(m.get("scene", {}).get("objects", [])) > 1
+                          and len({o["kind"] for o in m["scene"]["objects"]}) == 1], dtype=torch.long)
+    return images, ids, levels, names, bins, kinds, relation, count
 
 
 @functools.lru_cache(maxsize=2)
@@ -161,13 +163,15 @@ def get_batch(step, args, data, rank, world_size, device):
     """This rank's share of global batch `step`: images in [-1, 1], token ids, levels, and its RNG.
 
     The first --long-first steps show only long captions; the --relation-steps after them only the
-    scenes whose short caption states a relation, with that caption (relation_phase says when)."""
-    images, ids, levels, first_kind, relation, short_kind = data
+    scenes whose short caption states a relation, with that caption (relation_phase says when); the
+    --count-steps, the scenes of several objects of one kind with their brief captions."""
+    images, ids, levels, first_kind, relation, short_kind, count, brief_kind = data
     seed = args.seed * 1_000_003 + step * 1009 + rank
     generator = torch.Generator().manual_seed(seed)
-    if relation_phase(step, args):  # the same global batch on every rank, drawn with replacement
-        pick = torch.randint(len(relation), (args.batch_size,), generator=torch.Generator().manual_seed(seed - rank))
-        idx = relation[pick].view(world_size, -1)[rank]
+    focus = relation if relation_phase(step, args) else count if count_phase(step, args) else None
+    if focus is not None:  # the same global batch on every rank, drawn with replacement
+        pick = torch.randint(len(focus), (args.batch_size,), generator=torch.Generator().manual_seed(seed - rank))
+        idx = focus[pick].view(world_size, -1)[rank]
     else:
         idx = batch_indices(step, args.batch_size, len(images), args.seed).view(world_size, -1)[rank]
     idx = idx.sort().values  # sorted reads are faster on a memory map
@@ -177,6 +181,8 @@ def get_batch(step, args, data, rank, world_size, device):
         kind[:] = first_kind
     elif relation_phase(step, args):  # then: where one object is relative to another
         kind[:] = short_kind
+    elif count_phase(step, args):  # and how many of one kind
+        kind[:] = brief_kind
     batch_ids = ids[kind, idx]                                          # (B, L)
     drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
     batch_ids[drop] = net.tokenize([""], batch_ids.shape[1], args.text_encoder)
@@ -191,6 +197,12 @@ def relation_phase(step, args):
     step (1: one block) until there are --relation-steps of them."""
     since, every = step - args.long_first, args.relation_every
     return since >= 0 and since % every == 0 and since // every < args.relation_steps
+
+
+def count_phase(step, args):
+    """Is `step` one of the --count-steps? Each follows a relation step (--relation-every >= 2)."""
+    since, every = step - args.long_first - 1, args.relation_every
+    return since >= 0 and since % every == 0 and since // every < args.count_steps
 
 
 def net_overrides(spec):
@@ -317,7 +329,7 @@ def train(args):
         text_len = model_args["text_len"]
     else:
         text_len = overrides.get("text_len", net.PRESETS[args.preset]["text_len"])
-    images, ids, levels, names, bins, kinds, relation = load_data(args.out, args.rewards, args.captions, text_len,
+    images, ids, levels, names, bins, kinds, relation, count = load_data(args.out, args.rewards, args.captions, text_len,
                                                                    args.text_encoder, args.relation_objects)
     if args.long_first and "long" not in kinds:
         sys.exit(f"{STAGE}: error: --long-first needs long captions in --captions (it is {args.captions})")
@@ -326,6 +338,10 @@ def train(args):
                  f"(the shapes world's clean or full)")
     first_kind = kinds.index("long") if args.long_first else None
     short_kind = kinds.index("short") if args.relation_steps else None
+    if args.count_steps and ("brief" not in kinds or not len(count) or args.relation_every < 2):
+        sys.exit(f"{STAGE}: error: --count-steps needs brief captions in --captions, scenes of several objects of one "
+                 f"kind and --relation-every 2 or more")
+    brief_kind = kinds.index("brief") if args.count_steps else None
     if model_args is None:  # the checkpoint records the text encoder, so 06/07 rebuild (and reload) it
         model_args = dict(net.PRESETS[args.preset], num_rewards=len(names), text_encoder=args.text_encoder, **overrides)
     changed = {k: v for k, v in overrides.items() if model_args.get(k) != v}
@@ -386,7 +402,7 @@ def train(args):
             if int(os.path.basename(snapshot)[:-3]) > step:  # from after the checkpoint, or an earlier run's
                 os.remove(snapshot)
 
-    data = (images, ids, levels, first_kind, relation, short_kind)
+    data = (images, ids, levels, first_kind, relation, short_kind, count, brief_kind)
     last_good, window, started = step, [], time.perf_counter()
     end = min(args.stop_at or args.steps, args.steps)
     while step < end:
@@ -474,6 +490,9 @@ def main():
                              "nearly all at t > 0.9")
     parser.add_argument("--relation-every", type=world.count, default=1,
                         help="after --long-first, every this-th step is a relation step (1: the --relation-steps in one block)")
+    parser.add_argument("--count-steps", type=world.natural, default=0,
+                        help="steps that show only scenes of several objects of one kind with their brief captions, "
+                             "each the step after a relation step")
     parser.add_argument("--relation-objects", type=world.count, default=4,
                         help="the --relation-steps show scenes of at most this many objects")
     parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")

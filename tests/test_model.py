@@ -234,10 +234,12 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
 
 
 def test_batch_ids_are_trimmed_to_the_longest_caption_rounded_up_to_8():
-    args = argparse.Namespace(seed=0, batch_size=4, text_drop=0.0, text_encoder="own", long_first=0, relation_steps=0, relation_every=1)
+    args = argparse.Namespace(seed=0, batch_size=4, text_drop=0.0, text_encoder="own", long_first=0, relation_steps=0,
+                              relation_every=1, count_steps=0)
     captions = ["a red circle.", "two blue squares and a green triangle.", "a circle.", "an orange square."]
     ids = net.tokenize(captions, 64)[None]                   # one caption kind, (1, 4, 64)
-    data = (np.zeros((4, 8, 8, 3), np.uint8), ids, torch.zeros(4, 1), None, torch.zeros(0, dtype=torch.long), None)
+    data = (np.zeros((4, 8, 8, 3), np.uint8), ids, torch.zeros(4, 1), None, torch.zeros(0, dtype=torch.long), None,
+            torch.zeros(0, dtype=torch.long), None)
     _, batch_ids, _, _ = train.get_batch(0, args, data, 0, 1, torch.device("cpu"))
     longest = int((ids != net.PAD_ID).sum(-1).max())
     assert batch_ids.shape[1] == -(-longest // 8) * 8 < 64
@@ -245,9 +247,11 @@ def test_batch_ids_are_trimmed_to_the_longest_caption_rounded_up_to_8():
 
 
 def test_long_first_shows_only_the_long_captions_for_its_steps():
-    args = argparse.Namespace(seed=0, batch_size=64, text_drop=0.0, text_encoder="own", long_first=3, relation_steps=0, relation_every=1)
+    args = argparse.Namespace(seed=0, batch_size=64, text_drop=0.0, text_encoder="own", long_first=3, relation_steps=0,
+                              relation_every=1, count_steps=0)
     ids = torch.stack([torch.full((64, 8), 7), torch.full((64, 8), 9)])  # two caption kinds; the second is long
-    data = (np.zeros((64, 8, 8, 3), np.uint8), ids, torch.zeros(64, 1), 1, torch.zeros(0, dtype=torch.long), None)
+    data = (np.zeros((64, 8, 8, 3), np.uint8), ids, torch.zeros(64, 1), 1, torch.zeros(0, dtype=torch.long), None,
+            torch.zeros(0, dtype=torch.long), None)
     first = [train.get_batch(step, args, data, 0, 1, torch.device("cpu"))[1] for step in range(4)]
     assert all((batch == 9).all() for batch in first[:3])
     assert (first[3] == 7).any() and (first[3] == 9).any()
@@ -256,12 +260,13 @@ def test_long_first_shows_only_the_long_captions_for_its_steps():
 def test_relation_steps_show_only_scenes_with_a_relation_and_their_short_captions():
     """After 2 long-first steps, 3 relation steps: only the scenes listed as having a relation, each with
     its short caption, the same global batch split across ranks; then the mix again."""
-    args = argparse.Namespace(seed=0, batch_size=8, text_drop=0.0, text_encoder="own", long_first=2, relation_steps=3, relation_every=1)
+    args = argparse.Namespace(seed=0, batch_size=8, text_drop=0.0, text_encoder="own", long_first=2, relation_steps=3,
+                              relation_every=1, count_steps=0)
     n = 40
     images = np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)  # image i is i
     ids = torch.stack([torch.full((n, 8), 7), torch.full((n, 8), 9), torch.full((n, 8), 5)])  # alt, long, short
     relation = torch.tensor([3, 17, 21, 30])
-    data = (images, ids, torch.zeros(n, 1), 1, relation, 2)
+    data = (images, ids, torch.zeros(n, 1), 1, relation, 2, torch.zeros(0, dtype=torch.long), None)
     shown = lambda x: set(((x[:, 0, 0, 0] + 1) * 127.5).round().long().tolist())  # the image indices of a batch
     for step in range(6):
         x, batch_ids, _, _ = train.get_batch(step, args, data, 0, 1, torch.device("cpu"))
@@ -276,6 +281,25 @@ def test_relation_steps_show_only_scenes_with_a_relation_and_their_short_caption
     assert [train.relation_phase(step, args) for step in range(6)] == [False, False, True, True, True, False]
     args.relation_every = 2  # interleaved: every second step after the long-first ones, three of them
     assert [train.relation_phase(step, args) for step in range(10)] == [False, False] + [True, False] * 3 + [False, False]
+
+
+def test_count_steps_follow_the_relation_steps_with_one_kind_scenes_and_brief_captions():
+    """--count-steps: the step after each relation step shows only the scenes of several objects of one kind,
+    each with its brief caption."""
+    args = argparse.Namespace(seed=0, batch_size=8, text_drop=0.0, text_encoder="own", long_first=1, relation_steps=2,
+                              relation_every=3, count_steps=2)
+    n = 40
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)  # image i is i
+    ids = torch.stack([torch.full((n, 8), k) for k in (7, 9, 5, 4)])  # alt, long, short, brief
+    relation, count = torch.tensor([3, 17]), torch.tensor([8, 12, 33])
+    data = (images, ids, torch.zeros(n, 1), 1, relation, 2, count, 3)
+    shown = lambda x: set(((x[:, 0, 0, 0] + 1) * 127.5).round().long().tolist())
+    phases = [("relation" if train.relation_phase(s, args) else "count" if train.count_phase(s, args) else "")
+              for s in range(9)]
+    assert phases == ["", "relation", "count", "", "relation", "count", "", "", ""]
+    for step in (2, 5):
+        x, batch_ids, _, _ = train.get_batch(step, args, data, 0, 1, torch.device("cpu"))
+        assert (batch_ids == 4).all() and shown(x) <= set(count.tolist())
 
 
 def test_batches_cover_every_image_once_per_epoch():

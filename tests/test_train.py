@@ -280,10 +280,14 @@ def test_text_lr_moves_only_the_text_encoder_further():
         assert moved[5.0][name] == pytest.approx(moved[1.0][name], rel=1e-3), name
 
 
-def test_relation_objects_keeps_the_relation_scenes_of_few_objects(data):
-    """--relation-objects N: the relation steps draw from the scenes with a relation and at most N objects."""
+def test_relation_and_count_steps_draw_from_the_scenes_they_name(data):
+    """--relation-objects N: the relation steps draw from the scenes with a relation and at most N objects;
+    --count-steps from the scenes of several objects of one kind."""
     captions = torch.load(data / "captions.pt", weights_only=False)
     scenes = [m["scene"] for m in captions["meta"]]
-    every, two = (train.load_data(data, "none", "mix", 64, "own", n)[-1].tolist() for n in (4, 2))
+    every, two = (train.load_data(data, "none", "mix", 64, "own", n)[-2].tolist() for n in (4, 2))
     assert every == [i for i, s in enumerate(scenes) if s["relation"]]
     assert two == [i for i in every if len(scenes[i]["objects"]) == 2] and 0 < len(two) < len(every)
+    count = train.load_data(data, "none", "mix", 64, "own")[-1].tolist()  # --count-steps: several of one kind
+    assert count == [i for i, s in enumerate(scenes) if len(s["objects"]) > 1 and len({o["kind"] for o in s["objects"]}) == 1]
+    assert count
