@@ -7,10 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
 WORLD=${WORLD:-full}
-case "$WORLD" in  # scenes, training steps per run (batch 16), a quarter of them on long captions, a third (clean)
-  one)   SCENES=10000; DEFAULT_STEPS=1050; LONG=0; RELATION=0; T_SCALE=1 ;;    # or a sixth (full) on relations;
-  clean) SCENES=20000; DEFAULT_STEPS=2400; LONG=4; RELATION=3; T_SCALE=0.9 ;;  # the sampler's t_scale (below)
-  full)  SCENES=20000; DEFAULT_STEPS=5400; LONG=4; RELATION=6; T_SCALE=1 ;;
+SC_IMAGE="--self-cond 0.5 --net self_cond=image"  # self-conditioning on the estimate (below), or none
+case "$WORLD" in  # scenes, training steps per run (batch 16), whether a quarter of them are on long captions and a
+  one)   SCENES=10000; DEFAULT_STEPS=1050; PHASES=0; SELF_COND="--self-cond 0"; T_SCALE=1 ;;  # quarter on relations,
+  clean) SCENES=20000; DEFAULT_STEPS=2400; PHASES=1; SELF_COND=$SC_IMAGE; T_SCALE=0.85 ;;     # self-conditioning,
+  full)  SCENES=20000; DEFAULT_STEPS=5400; PHASES=1; SELF_COND="--self-cond 0"; T_SCALE=1 ;;  # the sampler's t_scale
   *) echo "run.sh: error: WORLD=$WORLD: use one, clean or full" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$DEFAULT_STEPS}
@@ -23,21 +24,24 @@ python 04_model.py   --preset tiny                                              
 # MIRO and the baseline train side by side. A network this small keeps neither a GPU nor two CPU
 # cores busy: on a GPU it is bound by kernel launches, and on a CPU one run on one core gets more
 # than half the images per second of one run on two. So each run gets half the cores.
-# No latent self-conditioning (--self-cond 0): at this budget its extra pass costs more steps than it gives.
-# t is shifted towards noise (--t-shift 3), where the layout is decided, and on clean and full the first
-# quarter of the steps shows only the long captions (--long-first), each object named with its cell: on the
-# caption mix alone the network never learns which words name which cell. The next third (clean) or sixth (full)
-# shows only scenes with a relation, nearly all at t > 0.9 (--relation-steps): without them no run learned "left of".
+# On clean half the steps self-condition on the clean-image estimate of a first pass (--self-cond 0.5, --net
+# self_cond=image): a cell sees what the last sampling step drew there. On full it costs MIRO its colour-free
+# objects ("a circle." fades) and a tenth of the steps' speed, so it is off there. t is shifted towards noise (--t-shift 3),
+# where the layout is decided. On clean and full the first quarter of the steps shows only the long captions
+# (--long-first), each object named with its cell: on the caption mix alone the network never learns which words
+# name which cell. After it every third step (--relation-every 3, a quarter of all steps) shows a scene of two
+# objects and the relation its caption states, nearly all at t > 0.9 (--relation-steps, --relation-objects 2):
+# without them no run learned "left of", and as one block after the long captions the steps after it undid it.
 THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
-RECIPE="--self-cond 0 --t-shift 3 --long-first $((LONG ? STEPS / LONG : 0)) \
-  --relation-steps $((RELATION ? STEPS / RELATION : 0)) --steps $STEPS --eval-every $EVAL"
+RECIPE="$SELF_COND --t-shift 3 --long-first $((PHASES ? STEPS / 4 : 0)) \
+  --relation-steps $((PHASES ? STEPS / 4 : 0)) --relation-every 3 --relation-objects 2 --steps $STEPS --eval-every $EVAL"
 OMP_NUM_THREADS=$THREADS python 05_train.py --out "$OUT" --run miro --overwrite $RECIPE \
   > "$OUT/miro_train.log" 2>&1 & miro=$!
 OMP_NUM_THREADS=$THREADS python 05_train.py --out "$OUT" --run baseline --overwrite --rewards none $RECIPE
 wait $miro || { tail -n 5 "$OUT/miro_train.log"; exit 1; }  # MIRO's log lines are in that file
 # Guidance only at t <= 0.7: at the noisiest steps, text guidance pushes towards fewer objects than the
 # unconditional average and empties one-object prompts (Kynkaanniemi et al. 2024, guidance in an interval).
-# On clean the network is told t x 0.9 (06_sample.Sampling): the baseline's estimate keeps too little of an object
+# On clean the network is told t x 0.85 (06_sample.Sampling): the baseline's estimate keeps too little of an object
 # whose colour the caption leaves open, and "a circle." can fade to nothing. On full, MIRO already draws more
 # objects than stated, and the shift adds more.
 SAMPLING="--cfg-max-t 0.7 --t-scale $T_SCALE"
