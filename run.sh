@@ -8,10 +8,10 @@ cd "$(dirname "$0")"
 OUT=${OUT:-out}
 WORLD=${WORLD:-full}
 SC_IMAGE="--self-cond 0.5 --net self_cond=image"  # self-conditioning on the estimate (below), or none
-case "$WORLD" in  # scenes, training steps per run (batch 16), whether a quarter of them are on long captions and a
-  one)   SCENES=10000; DEFAULT_STEPS=1050; PHASES=0; SELF_COND="--self-cond 0"; T_SCALE=1 ;;  # quarter on relations,
-  clean) SCENES=20000; DEFAULT_STEPS=2400; PHASES=1; SELF_COND=$SC_IMAGE; T_SCALE=0.85 ;;     # self-conditioning,
-  full)  SCENES=20000; DEFAULT_STEPS=5400; PHASES=1; SELF_COND="--self-cond 0"; T_SCALE=1 ;;  # the sampler's t_scale
+case "$WORLD" in  # scenes, steps per run (batch 16), whether a quarter of them are on long captions and a quarter on
+  one)   SCENES=10000; DEFAULT_STEPS=1050; PHASES=0; COUNT=0; SELF_COND="--self-cond 0"; T_SCALE=1 ;;  # relations,
+  clean) SCENES=20000; DEFAULT_STEPS=2400; PHASES=1; COUNT=1; SELF_COND=$SC_IMAGE; T_SCALE=0.85 ;;     # counts,
+  full)  SCENES=20000; DEFAULT_STEPS=5400; PHASES=1; COUNT=0; SELF_COND="--self-cond 0"; T_SCALE=1 ;;  # (below)
   *) echo "run.sh: error: WORLD=$WORLD: use one, clean or full" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$DEFAULT_STEPS}
@@ -32,9 +32,12 @@ python 04_model.py   --preset tiny                                              
 # name which cell. After it every third step (--relation-every 3, a quarter of all steps) shows a scene of two
 # objects and the relation its caption states, nearly all at t > 0.9 (--relation-steps, --relation-objects 2):
 # without them no run learned "left of", and as one block after the long captions the steps after it undid it.
+# On clean the step after each relation step shows a scene of several objects of one kind, with its brief caption
+# ("three squares.", --count-steps): the caption mix alone leaves counts half wrong.
 THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
 RECIPE="$SELF_COND --t-shift 3 --long-first $((PHASES ? STEPS / 4 : 0)) \
-  --relation-steps $((PHASES ? STEPS / 4 : 0)) --relation-every 3 --relation-objects 2 --steps $STEPS --eval-every $EVAL"
+  --relation-steps $((PHASES ? STEPS / 4 : 0)) --relation-every 3 --relation-objects 2 --count-steps $((COUNT ? STEPS / 4 : 0)) \
+  --steps $STEPS --eval-every $EVAL"
 OMP_NUM_THREADS=$THREADS python 05_train.py --out "$OUT" --run miro --overwrite $RECIPE \
   > "$OUT/miro_train.log" 2>&1 & miro=$!
 OMP_NUM_THREADS=$THREADS python 05_train.py --out "$OUT" --run baseline --overwrite --rewards none $RECIPE
