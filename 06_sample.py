@@ -135,12 +135,6 @@ def sampling_of(args):
     return Sampling(args.cfg, args.steps, args.method, args.neg_text, args.cfg_max_t, args.t_scale)
 
 
-def divisor(model, t):
-    """The t that the network's velocity is divided by: v = (x_t - x_hat) / t (04_model.py: x-prediction
-    clamps t at T_MIN)."""
-    return max(t, net.T_MIN) if model.prediction == "x" else t
-
-
 class Guided:
     """The guided velocity field of one batch: text and targets are fixed, x_t and t move.
 
@@ -168,10 +162,12 @@ class Guided:
         t2 = torch.full((len(x2),), float(told), device=x.device)
         v, self.latents = self.model.denoise(x2, t2, self.levels, self.tokens, self.mask, self.latents, self.image)
         v = v.to(torch.promote_types(v.dtype, torch.float32))  # bf16 under autocast: guide in float32
-        if self.model.self_cond == "image":
-            self.image = self.model.estimate(x2, v, t2)
-        if self.t_scale != 1:  # x_hat = x_t - told v: the velocity towards it from x_t at the true t
-            v = v * (divisor(self.model, told) / divisor(self.model, t))
+        if self.model.self_cond == "image" or self.t_scale != 1:
+            x_hat = self.model.estimate(x2, v, t2)  # the clean-image estimate behind v
+            if self.model.self_cond == "image":
+                self.image = x_hat
+            if self.t_scale != 1:  # the velocity towards the same estimate from x_t at the true t
+                v = net.velocity_from_image(x2, x_hat, torch.full_like(t2, t))
         if not self.guided:
             return v
         v_pos, v_neg = v.chunk(2)

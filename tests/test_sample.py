@@ -114,7 +114,8 @@ def test_t_scale_keeps_the_networks_estimate_told_a_smaller_t(model, t):
     v_told = model(x, t_(told), s_plus, ids)[0]
     estimate = x - max(told, net.T_MIN) * v_told
     v = sampler.Guided(model, ids, s_plus, s_minus, 0.0, t_scale=0.5)(x, t)
-    torch.testing.assert_close(x - max(t, net.T_MIN) * v, estimate, **tolerance(0))
+    # t reaches the velocity in float32, as it reaches the network: exact to float32's rounding of t
+    torch.testing.assert_close(x - max(t, net.T_MIN) * v, estimate, atol=1e-6, rtol=0)
     assert (v - model(x, t_(t), s_plus, ids)[0]).abs().max() > 1e-3  # told the true t, it would differ
 
 
