@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT, run, stage
 
@@ -123,6 +124,33 @@ def test_image_self_cond_reads_the_first_pass_estimate():
     assert torch.allclose(got, expected, atol=1e-12, rtol=0)
     assert not torch.allclose(got[0], v[0]) and torch.allclose(got[1], v[1], atol=1e-12, rtol=0)
     assert torch.allclose(zeros, v, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("skip", ["x_t", "detail"])
+def test_pixel_skip_adds_the_gated_x_t_to_the_estimate(skip):
+    """pixel_skip: the clean-image estimate is the patch output plus g x_t (or x_t's detail, x_t less its 3x3
+    mean), g read per patch from its token; zero-initialised it changes nothing. With the gate's weight at
+    zero and its bias b, the estimate is the plain one plus b x_t (b times the detail)."""
+    model, args = tiny(2, prediction="x", pixel_skip=skip)
+    model = model.double()
+    plain, _ = tiny(2, prediction="x")
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pixel_skip")})
+    plain = plain.double()
+    x_t, _, levels, ids = net.dummy_inputs(args, 3)
+    x_t, levels, t = x_t.double(), levels.double(), torch.tensor([0.02, 0.5, 0.9])
+    with torch.no_grad():
+        v0, _ = plain(x_t, t, levels, ids)
+        torch.testing.assert_close(model(x_t, t, levels, ids)[0], v0, atol=1e-12, rtol=0)
+        model.pixel_skip.bias.fill_(0.3)
+        v, _ = model(x_t, t, levels, ids)
+    mean3 = torch.stack([F.pad(x_t, (1, 1, 1, 1))[..., i:i + 32, j:j + 32] for i in range(3) for j in range(3)])
+    count = torch.stack([F.pad(torch.ones_like(x_t), (1, 1, 1, 1))[..., i:i + 32, j:j + 32] for i in range(3) for j in range(3)])
+    skipped = x_t if skip == "x_t" else x_t - mean3.sum(0) / count.sum(0)  # the mean over the window's pixels in the image
+    torch.testing.assert_close(model.estimate(x_t, v, t), plain.estimate(x_t, v0, t) + 0.3 * skipped, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="pixel_skip"):
+        tiny(2, prediction="v", pixel_skip=skip)
+    with pytest.raises(ValueError, match="pixel_skip"):
+        tiny(2, prediction="x", pixel_skip="grain")
 
 
 def test_tokenizer_is_open_clips_and_leaves_the_package_unimported():
