@@ -52,10 +52,12 @@ STAGE = "01_caption.py"  # in every error line of this stage
 VERSION = 2
 
 # ----------------------------------------------------------------------------- the world
-# Flat colours, far apart in RGB so that a clean render is read back exactly.
+# Flat colours, far apart in RGB so that a clean render is read back exactly, and equally colourful (02_score.py's
+# colourfulness of one shape on the background): with unequal ones the top colourfulness bin is mostly the most
+# colourful colours, and a model guided up on it paints the stated colours over with them.
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
-    "yellow": (240, 220, 30), "purple": (140, 40, 180), "orange": (245, 130, 20),
+    "red": (215, 40, 40), "green": (15, 185, 15), "blue": (30, 70, 240),
+    "yellow": (232, 212, 35), "purple": (150, 20, 220), "orange": (240, 125, 30),
 }
 KINDS = ("circle", "square", "triangle")
 BACKGROUND = (200, 200, 200)

@@ -102,3 +102,13 @@ def test_a_failing_reward_gives_nan_not_a_crash():
     scores = scoring.score(fragile, images, ["ok", "bad", "ok", "ok", "bad"], batch_size=4)
     assert torch.isnan(scores).tolist() == [False, True, False, False, True]
     assert scores[~torch.isnan(scores)].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_every_colour_is_about_as_colourful():
+    """One shape of each colour on the background scores about the same colourfulness, so that the top
+    colourfulness bin is not one colour's (a model guided up on it would repaint the stated colours)."""
+    images = np.tile(np.array(world.BACKGROUND, dtype=np.uint8), (len(world.COLOURS), 32, 32, 1))
+    for image, rgb in zip(images, world.COLOURS.values()):
+        image[11:21, 11:21] = rgb
+    scores = scoring.colourfulness(torch.from_numpy(images))
+    assert scores.max() / scores.min() < 1.1, dict(zip(world.COLOURS, scores.tolist()))
