@@ -319,7 +319,7 @@ class TextRIN(nn.Module):
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
                  prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
                  patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned", patch_compete=False,
-                 patch_bind=False, text_conv=0, text_rope=False, self_cond="latents", pixel_skip=False):
+                 patch_bind=False, text_conv=0, text_rope=False, self_cond="latents", pixel_skip=False, skip_below=None):
         super().__init__()
         if self_cond not in ("latents", "image"):
             raise ValueError(f"self_cond must be 'latents' or 'image', not {self_cond!r}")
@@ -356,13 +356,14 @@ class TextRIN(nn.Module):
         self.patch_out = mlp(data_dim, hidden, patch_values) if patch_mlp else nn.Linear(data_dim, patch_values)
         # pixel_skip (x-prediction): the estimate adds g x_t ("x_t"), or g times x_t's detail, x_t less its 3x3 mean
         # ("detail"), g a gate per patch read from its token (zero-initialised below), so that a patch can keep the
-        # pixel grain x_t shows, which a smooth output cannot draw
+        # pixel grain x_t shows, which a smooth output cannot draw; with skip_below the gate fades out linearly from
+        # t = 0 to t = skip_below, so that the skip cannot act where the layout is decided (None: at every t alike)
         if pixel_skip not in (False, "x_t", "detail"):
             raise ValueError(f"pixel_skip must be false, 'x_t' or 'detail', not {pixel_skip!r}")
         if pixel_skip and prediction != "x":
             raise ValueError("pixel_skip gates x_t into the clean-image estimate: it needs prediction='x'")
         self.pixel_skip = nn.Linear(data_dim, 1) if pixel_skip else None
-        self.skip_detail = pixel_skip == "detail"
+        self.skip_detail, self.skip_below = pixel_skip == "detail", skip_below
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
         self.prev_norm, self.prev_proj = RMSNorm(latent_dim), nn.Linear(latent_dim, latent_dim)
@@ -472,7 +473,10 @@ class TextRIN(nn.Module):
         out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)
         if self.pixel_skip is not None:
             skipped = x_t - F.avg_pool2d(x_t, 3, 1, 1, count_include_pad=False) if self.skip_detail else x_t
-            out = out + self.pixel_skip(self.out_norm(patches)) * self.patchify(skipped).to(out.dtype)
+            gate = self.pixel_skip(self.out_norm(patches))                                # (B, P, 1)
+            if self.skip_below is not None:
+                gate = gate * (1 - t.to(gate.dtype) / self.skip_below).clamp_min(0).view(-1, 1, 1)
+            out = out + gate * self.patchify(skipped).to(out.dtype)
         out = out.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
         if self.prediction == "x":  # out is the clean image
             return velocity_from_image(x_t, out, t), latents

@@ -147,6 +147,13 @@ def test_pixel_skip_adds_the_gated_x_t_to_the_estimate(skip):
     count = torch.stack([F.pad(torch.ones_like(x_t), (1, 1, 1, 1))[..., i:i + 32, j:j + 32] for i in range(3) for j in range(3)])
     skipped = x_t if skip == "x_t" else x_t - mean3.sum(0) / count.sum(0)  # the mean over the window's pixels in the image
     torch.testing.assert_close(model.estimate(x_t, v, t), plain.estimate(x_t, v0, t) + 0.3 * skipped, atol=1e-10, rtol=0)
+    model.skip_below = 0.25
+    with torch.no_grad():  # skip_below = 0.25: off at t = 0.5 and 0.9, at 1 - t / 0.25 (0.92) of its strength at t = 0.02
+        v2, _ = model(x_t, t, levels, ids)
+    torch.testing.assert_close(v2[1:], v0[1:], atol=1e-12, rtol=0)
+    fade = 1 - t[0].double() / 0.25  # t as the network gets it (float32)
+    torch.testing.assert_close(model.estimate(x_t, v2, t)[0], plain.estimate(x_t, v0, t)[0] + 0.3 * fade * skipped[0],
+                               atol=1e-10, rtol=0)
     with pytest.raises(ValueError, match="pixel_skip"):
         tiny(2, prediction="v", pixel_skip=skip)
     with pytest.raises(ValueError, match="pixel_skip"):
