@@ -64,11 +64,12 @@ BACKGROUND = (200, 200, 200)
 CELLS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, col) of the 2x2 layout
 CELL_NAMES = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
 NUMBERS = ("zero", "one", "two", "three", "four")
-# Degradations: (probability of being applied, low, high) of the strength, at 32 px.
+# Degradations: (probability of being applied, low, high) of the strength, at 32 px. Most images are washed out a
+# little, as much of the web's are: the more of the data is poor, the more a model gains from knowing which is.
 DEGRADATIONS = {
     "blur": (0.5, 0.4, 1.6),      # Gaussian sigma in pixels
     "noise": (0.5, 4.0, 40.0),    # std of grey (luminance) noise, in 0..255 units
-    "washout": (0.5, 0.2, 0.75),  # fraction of saturation removed, faded toward light grey
+    "washout": (0.7, 0.2, 0.75),  # fraction of saturation removed, faded toward light grey
     "clutter": (0.35, 3, 8),      # number of confetti specks in vivid colours
 }
 # A speck's side in pixels at 32 px: 25-42 px of area, so that 02_score.py's detector (which

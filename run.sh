@@ -8,10 +8,12 @@ cd "$(dirname "$0")"
 OUT=${OUT:-out}
 WORLD=${WORLD:-full}
 SC_IMAGE="--self-cond 0.5 --net self_cond=image"  # self-conditioning on the estimate (below), or none
-case "$WORLD" in  # scenes, steps per run (batch 16), whether a quarter of them are on long captions and a quarter on
-  one)   SCENES=10000; DEFAULT_STEPS=1050; PHASES=0; COUNT=0; SELF_COND="--self-cond 0"; T_SCALE=1 ;;  # relations,
-  clean) SCENES=20000; DEFAULT_STEPS=2400; PHASES=1; COUNT=1; SELF_COND=$SC_IMAGE; T_SCALE=0.85 ;;     # counts,
-  full)  SCENES=20000; DEFAULT_STEPS=5400; PHASES=1; COUNT=0; SELF_COND="--self-cond 0"; T_SCALE=1 ;;  # (below)
+# Per world: scenes, steps per run (batch 16), LONG: the first 1/LONG of the steps on long captions alone (0: none),
+# PHASES: a quarter of the steps on relations, COUNT: a quarter on counts, self-conditioning, the told t (all below).
+case "$WORLD" in
+  one)   SCENES=10000; DEFAULT_STEPS=1050; LONG=0; PHASES=0; COUNT=0; SELF_COND="--self-cond 0"; T_SCALE=1 ;;
+  clean) SCENES=20000; DEFAULT_STEPS=2400; LONG=4; PHASES=1; COUNT=1; SELF_COND=$SC_IMAGE; T_SCALE=0.85 ;;
+  full)  SCENES=20000; DEFAULT_STEPS=5400; LONG=8; PHASES=1; COUNT=0; SELF_COND="--self-cond 0"; T_SCALE=1 ;;
   *) echo "run.sh: error: WORLD=$WORLD: use one, clean or full" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$DEFAULT_STEPS}
@@ -27,15 +29,15 @@ python 04_model.py   --preset tiny                                              
 # On clean half the steps self-condition on the clean-image estimate of a first pass (--self-cond 0.5, --net
 # self_cond=image): a cell sees what the last sampling step drew there. On full it costs MIRO its colour-free
 # objects ("a circle." fades) and a tenth of the steps' speed, so it is off there. t is shifted towards noise (--t-shift 3),
-# where the layout is decided. On clean and full the first quarter of the steps shows only the long captions
-# (--long-first), each object named with its cell: on the caption mix alone the network never learns which words
-# name which cell. After it every third step (--relation-every 3, a quarter of all steps) shows a scene of two
+# where the layout is decided. On clean the first quarter of the steps shows only the long captions (--long-first;
+# on full the first eighth), each object named with its cell: on the caption mix alone the network never learns
+# which words name which cell. After it every third step (--relation-every 3, a quarter of all steps) shows a scene of two
 # objects and the relation its caption states, nearly all at t > 0.9 (--relation-steps, --relation-objects 2):
 # without them no run learned "left of", and as one block after the long captions the steps after it undid it.
 # On clean the step after each relation step shows a scene of several objects of one kind, with its brief caption
 # ("three squares.", --count-steps): the caption mix alone leaves counts half wrong.
 THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
-RECIPE="$SELF_COND --t-shift 3 --long-first $((PHASES ? STEPS / 4 : 0)) \
+RECIPE="$SELF_COND --t-shift 3 --long-first $((LONG ? STEPS / LONG : 0)) \
   --relation-steps $((PHASES ? STEPS / 4 : 0)) --relation-every 3 --relation-objects 2 --count-steps $((COUNT ? STEPS / 4 : 0)) \
   --steps $STEPS --eval-every $EVAL"
 OMP_NUM_THREADS=$THREADS python 05_train.py --out "$OUT" --run miro --overwrite $RECIPE \
