@@ -354,16 +354,17 @@ class TextRIN(nn.Module):
         self.patch_norm = RMSNorm(data_dim)
         self.out_norm = RMSNorm(data_dim)
         self.patch_out = mlp(data_dim, hidden, patch_values) if patch_mlp else nn.Linear(data_dim, patch_values)
-        # pixel_skip (x-prediction): the estimate adds g x_t ("x_t"), or g times x_t's detail, x_t less its 3x3 mean
-        # ("detail"), g a gate per patch read from its token (zero-initialised below), so that a patch can keep the
-        # pixel grain x_t shows, which a smooth output cannot draw; with skip_below the gate fades out linearly from
-        # t = 0 to t = skip_below, so that the skip cannot act where the layout is decided (None: at every t alike)
-        if pixel_skip not in (False, "x_t", "detail"):
-            raise ValueError(f"pixel_skip must be false, 'x_t' or 'detail', not {pixel_skip!r}")
+        # pixel_skip (x-prediction): the estimate adds g x_t ("x_t"), g times x_t's detail, x_t less its 3x3 mean
+        # ("detail"), or the grey of that detail on every channel ("grey": grain is grey, clutter's specks are not),
+        # g a gate per patch read from its token (zero-initialised below), so that a patch can keep the pixel grain
+        # x_t shows, which a smooth output cannot draw; with skip_below the gate fades out linearly from t = 0 to
+        # t = skip_below, so that the skip cannot act where the layout is decided (None: at every t alike)
+        if pixel_skip not in (False, "x_t", "detail", "grey"):
+            raise ValueError(f"pixel_skip must be false, 'x_t', 'detail' or 'grey', not {pixel_skip!r}")
         if pixel_skip and prediction != "x":
             raise ValueError("pixel_skip gates x_t into the clean-image estimate: it needs prediction='x'")
         self.pixel_skip = nn.Linear(data_dim, 1) if pixel_skip else None
-        self.skip_detail, self.skip_below = pixel_skip == "detail", skip_below
+        self.skip_kind, self.skip_below = pixel_skip, skip_below
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
         self.prev_norm, self.prev_proj = RMSNorm(latent_dim), nn.Linear(latent_dim, latent_dim)
@@ -472,7 +473,9 @@ class TextRIN(nn.Module):
             patches, latents = block(patches, latents, cond, cond_mask)
         out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)
         if self.pixel_skip is not None:
-            skipped = x_t - F.avg_pool2d(x_t, 3, 1, 1, count_include_pad=False) if self.skip_detail else x_t
+            skipped = x_t if self.skip_kind == "x_t" else x_t - F.avg_pool2d(x_t, 3, 1, 1, count_include_pad=False)
+            if self.skip_kind == "grey":
+                skipped = skipped.mean(1, keepdim=True).expand_as(x_t)
             gate = self.pixel_skip(self.out_norm(patches))                                # (B, P, 1)
             if self.skip_below is not None:
                 gate = gate * (1 - t.to(gate.dtype) / self.skip_below).clamp_min(0).view(-1, 1, 1)

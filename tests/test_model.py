@@ -126,7 +126,7 @@ def test_image_self_cond_reads_the_first_pass_estimate():
     assert torch.allclose(zeros, v, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("skip", ["x_t", "detail"])
+@pytest.mark.parametrize("skip", ["x_t", "detail", "grey"])
 def test_pixel_skip_adds_the_gated_x_t_to_the_estimate(skip):
     """pixel_skip: the clean-image estimate is the patch output plus g x_t (or x_t's detail, x_t less its 3x3
     mean), g read per patch from its token; zero-initialised it changes nothing. With the gate's weight at
@@ -146,6 +146,8 @@ def test_pixel_skip_adds_the_gated_x_t_to_the_estimate(skip):
     mean3 = torch.stack([F.pad(x_t, (1, 1, 1, 1))[..., i:i + 32, j:j + 32] for i in range(3) for j in range(3)])
     count = torch.stack([F.pad(torch.ones_like(x_t), (1, 1, 1, 1))[..., i:i + 32, j:j + 32] for i in range(3) for j in range(3)])
     skipped = x_t if skip == "x_t" else x_t - mean3.sum(0) / count.sum(0)  # the mean over the window's pixels in the image
+    if skip == "grey":  # the detail's mean over R, G, B, on every channel
+        skipped = skipped.mean(1, keepdim=True).expand_as(x_t)
     torch.testing.assert_close(model.estimate(x_t, v, t), plain.estimate(x_t, v0, t) + 0.3 * skipped, atol=1e-10, rtol=0)
     model.skip_below = 0.25
     with torch.no_grad():  # skip_below = 0.25: off at t = 0.5 and 0.9, at 1 - t / 0.25 (0.92) of its strength at t = 0.02
