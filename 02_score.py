@@ -349,7 +349,7 @@ def main():
 
 
 
-# ----------------------------------------------------------------------------- the paper's reward models
+# ============================================================================= the paper's reward models
 # The real-model path (--rewards aesthetic,clip,...): the shapes world above never needs it.
 # Each loader takes (source, device): source is a hub id or a local checkpoint path. It
 # returns a function with the contract of REWARDS: (images uint8 [B, H, W, 3], captions)

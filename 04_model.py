@@ -583,7 +583,7 @@ def main():
               f"{(text_flops + denoise_flops) / 1e9:14.2f} {sample_flops / 1e9:18.1f}  {checks}")
 
 
-# ----------------------------------------------------------------------------- frozen pretrained text encoders
+# ============================================================================= frozen pretrained text encoders
 # The real-model path (--text-encoder openclip:... or t5:...): the default own encoder never needs it.
 class FrozenOpenCLIP:
     """The text tower of an open_clip CLIP. Token states: the per-token output of its final layer norm
