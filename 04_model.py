@@ -106,8 +106,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention of queries x (B, N, dim) over context c (B, M, ctx_dim), with QK-norm.
 
-    compete (True: every head, or a number of heads, the first ones): in those heads the softmax runs
-    over the queries instead of the context, with a sink query of logit 0 beside them, as in slot
+    compete: in every head the softmax runs over the queries instead of the context, with a sink
+    query of logit 0 beside them, as in slot
     attention (Locatello et al. 2020). Each context token is shared out among the queries, so two
     queries cannot both take a word whole: the cells of an image compete for the caption's phrases."""
 
@@ -115,9 +115,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, inner = heads, min(dim, ctx_dim)  # narrow side sets the width, as in RIN
         self.rope = rope
-        self.compete = heads if compete is True else int(compete)
-        if not 0 <= self.compete <= heads:
-            raise ValueError(f"compete must be true, false or a number of heads from 0 to {heads}, not {compete!r}")
+        self.compete = compete
         self.q = nn.Linear(dim, inner, bias=False)
         self.kv = nn.Linear(ctx_dim, 2 * inner, bias=False)
         self.q_norm, self.k_norm = RMSNorm(inner // heads), RMSNorm(inner // heads)
@@ -134,15 +132,13 @@ class Attention(nn.Module):
         if self.rope:  # self-attention over a sequence: logits that depend on the distance between tokens
             q, k = rotary(q), rotary(k)
         mask = None if mask is None else mask[:, None, None, :]          # (B, 1, 1, M), True = attend
-        h = self.compete  # heads that compete, the first ones
-        parts = [] if h == H else [F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], attn_mask=mask)]
-        if h:  # each context token shares itself out among the queries and a sink (logit 0) that takes the rest
-            logits = q[:, :h] @ k[:, :h].transpose(-1, -2) / math.sqrt(q.shape[-1])        # (B, h, N, M)
+        if not self.compete:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # (B, H, N, d)
+        else:  # each context token shares itself out among the queries and a sink (logit 0) that takes the rest
+            logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                     # (B, H, N, M)
             logits = torch.cat([logits, torch.zeros_like(logits[:, :, :1])], 2)           # a sink of logit 0
             weights = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=2)
-            weights = weights[:, :, :N].type_as(v) * (1 if mask is None else mask)
-            parts.insert(0, weights @ v[:, :h])
-        y = torch.cat(parts, 1) if len(parts) > 1 else parts[0]                          # (B, H, N, d)
+            y = (weights[:, :, :N].type_as(v) * (1 if mask is None else mask)) @ v
         return self.out(y.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -190,16 +186,13 @@ class Block(nn.Module):
 class RINBlock(nn.Module):
     """Latents: attend to the conditioning, read the patches, think K times; then patches read them back.
     With patch_cond, the patches first attend to the conditioning too, so that each patch reads the
-    caption itself instead of only what the latents pass on (patch_compete: with competing heads);
-    with patch_bind they then also read it through an attention whose every head competes; with
-    patch_attend they attend to each other after reading the latents back."""
+    caption itself instead of only what the latents pass on; with patch_bind they then also read it
+    through an attention whose heads compete."""
 
-    def __init__(self, data_dim, latent_dim, num_layers, heads, patch_cond=False, patch_attend=False, patch_compete=False,
-                 patch_bind=False):
+    def __init__(self, data_dim, latent_dim, num_layers, heads, patch_cond=False, patch_bind=False):
         super().__init__()
-        self.patch_cond = Block(data_dim, heads, ctx_dim=latent_dim, compete=patch_compete) if patch_cond else None
+        self.patch_cond = Block(data_dim, heads, ctx_dim=latent_dim) if patch_cond else None
         self.patch_bind = Block(data_dim, heads, ctx_dim=latent_dim, compete=True) if patch_bind else None
-        self.patch_attend = Block(data_dim, heads) if patch_attend else None
         self.attend_cond = Block(latent_dim, heads, ctx_dim=latent_dim)
         self.read = Block(latent_dim, heads, ctx_dim=data_dim)
         self.think = nn.ModuleList(Block(latent_dim, heads) for _ in range(num_layers))
@@ -214,10 +207,7 @@ class RINBlock(nn.Module):
         latents = self.read(latents, patches)
         for layer in self.think:
             latents = layer(latents)
-        patches = self.write(patches, latents)
-        if self.patch_attend is not None:  # the patches see each other: one cell can leave room for another
-            patches = self.patch_attend(patches)
-        return patches, latents
+        return self.write(patches, latents), latents
 
 
 def sinusoid(values, dim):
@@ -317,9 +307,8 @@ class TextRIN(nn.Module):
 
     def __init__(self, image_size, patch_size, data_dim, latent_dim, num_latents, num_blocks, num_layers,
                  heads, text_dim, text_layers, text_len, num_rewards, sigma_data=0.5, text_encoder="own",
-                 prediction="v", patch_cond=False, cell_codes="sincos", zero_init=False, cond_pool=False,
-                 patch_mlp=False, patch_attend=False, patch_hidden=4, interface="learned", patch_compete=False,
-                 patch_bind=False, text_conv=0, text_rope=False, self_cond="latents", pixel_skip=False, skip_below=None):
+                 prediction="v", patch_cond=False, cell_codes="sincos", interface="learned", patch_bind=False,
+                 text_conv=0, text_rope=False, self_cond="latents", pixel_skip=False):
         super().__init__()
         if self_cond not in ("latents", "image"):
             raise ValueError(f"self_cond must be 'latents' or 'image', not {self_cond!r}")
@@ -327,8 +316,6 @@ class TextRIN(nn.Module):
             raise ValueError(f"prediction must be 'v' or 'x', not {prediction!r}")
         if interface not in ("learned", "pca"):
             raise ValueError(f"interface must be 'learned' or 'pca', not {interface!r}")
-        if interface == "pca" and patch_mlp:
-            raise ValueError("interface 'pca' starts a linear interface: with patch_mlp=true use interface=learned")
         if interface == "pca" and data_dim > 3 * patch_size ** 2:
             raise ValueError(f"interface 'pca' needs data_dim <= a patch's {3 * patch_size ** 2} values, not {data_dim}")
         if cell_codes not in ("sincos", "random"):
@@ -337,10 +324,7 @@ class TextRIN(nn.Module):
         self.image_size, self.patch_size, self.num_rewards, self.text_len = image_size, patch_size, num_rewards, text_len
         num_patches, patch_values = (image_size // patch_size) ** 2, 3 * patch_size ** 2
         # interface: patches in and out, linear (started from PCA with interface="pca", by fit_interface)
-        # or, with patch_mlp, a hidden layer (4 x data_dim) on each side, so that a token can code a sharp shape at any
-        # sub-pixel place (a curved family of images) instead of a blend of fixed linear pieces
-        hidden = patch_hidden * data_dim
-        self.patch_in = mlp(patch_values, hidden, data_dim) if patch_mlp else nn.Linear(patch_values, data_dim)
+        self.patch_in = nn.Linear(patch_values, data_dim)
         # learned positions, started as strong as the normalised patches: with a small random start the
         # network cannot tell where a patch is for its first thousand or so steps. 2-D sin/cos codes of a
         # few positions are near copies of each other (their slow channels barely move); "random" codes
@@ -353,18 +337,16 @@ class TextRIN(nn.Module):
         self.patch_pos = nn.Parameter(codes)
         self.patch_norm = RMSNorm(data_dim)
         self.out_norm = RMSNorm(data_dim)
-        self.patch_out = mlp(data_dim, hidden, patch_values) if patch_mlp else nn.Linear(data_dim, patch_values)
-        # pixel_skip (x-prediction): the estimate adds g x_t ("x_t"), g times x_t's detail, x_t less its 3x3 mean
-        # ("detail"), or the grey of that detail on every channel ("grey": grain is grey, clutter's specks are not),
-        # g a gate per patch read from its token (zero-initialised below), so that a patch can keep the pixel grain
-        # x_t shows, which a smooth output cannot draw; with skip_below the gate fades out linearly from t = 0 to
-        # t = skip_below, so that the skip cannot act where the layout is decided (None: at every t alike)
-        if pixel_skip not in (False, "x_t", "detail", "grey"):
-            raise ValueError(f"pixel_skip must be false, 'x_t', 'detail' or 'grey', not {pixel_skip!r}")
+        self.patch_out = nn.Linear(data_dim, patch_values)
+        # pixel_skip (x-prediction): the estimate adds g times the grey of x_t's detail (x_t less its 3x3 mean,
+        # averaged over the channels: grain is grey, clutter's specks are not), g a gate per patch read from its
+        # token (zero-initialised below), so that a patch can keep the pixel grain x_t shows, which the smooth
+        # output of a 256-wide token cannot draw
+        if pixel_skip not in (False, True):
+            raise ValueError(f"pixel_skip must be true or false, not {pixel_skip!r}")
         if pixel_skip and prediction != "x":
             raise ValueError("pixel_skip gates x_t into the clean-image estimate: it needs prediction='x'")
         self.pixel_skip = nn.Linear(data_dim, 1) if pixel_skip else None
-        self.skip_kind, self.skip_below = pixel_skip, skip_below
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
         self.prev_norm, self.prev_proj = RMSNorm(latent_dim), nn.Linear(latent_dim, latent_dim)
@@ -380,12 +362,7 @@ class TextRIN(nn.Module):
         else:  # frozen and pretrained (text_dim, text_layers unused): only the projection below is trained
             text_dim = frozen_text_encoder(text_encoder).width
         self.text_proj = nn.Linear(text_dim, latent_dim)
-        if cond_pool:  # the mean conditioning token, added to every patch and latent: a path that needs no attention
-            self.pool_norm = RMSNorm(latent_dim)
-            self.pool_to_patches, self.pool_to_latents = nn.Linear(latent_dim, data_dim), nn.Linear(latent_dim, latent_dim)
-        self.cond_pool = cond_pool
-        self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads, patch_cond, patch_attend, patch_compete,
-                                             patch_bind)
+        self.blocks = nn.ModuleList(RINBlock(data_dim, latent_dim, num_layers, heads, patch_cond, patch_bind)
                                     for _ in range(num_blocks))
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -397,11 +374,6 @@ class TextRIN(nn.Module):
             nn.init.zeros_(self.prev_image_in.weight)
         if pixel_skip:
             nn.init.zeros_(self.pixel_skip.weight)
-        if zero_init:  # every residual branch starts as the identity (its last layer at zero)
-            for module in self.modules():
-                if isinstance(module, Block):
-                    nn.init.zeros_(module.attn.out.weight)
-                    nn.init.zeros_(module.mlp.down.weight)
 
     def patchify(self, x):
         """(B, 3, H, W) -> (B, P, 3 p p), patches in row-major order."""
@@ -464,22 +436,13 @@ class TextRIN(nn.Module):
             prev_latents = torch.zeros_like(latents)
         latents = latents + self.prev_proj(self.prev_norm(prev_latents))
         cond, cond_mask = self.condition(t, levels, text_tokens, text_mask)
-        if self.cond_pool:
-            weights = cond_mask.to(cond.dtype)[..., None]                               # (B, C, 1)
-            pooled = self.pool_norm((cond * weights).sum(1) / weights.sum(1))           # (B, latent_dim)
-            patches = patches + self.pool_to_patches(pooled)[:, None]
-            latents = latents + self.pool_to_latents(pooled)[:, None]
         for block in self.blocks:
             patches, latents = block(patches, latents, cond, cond_mask)
         out = self.patch_out(self.out_norm(patches))                            # (B, P, 3 p p)
-        if self.pixel_skip is not None:
-            skipped = x_t if self.skip_kind == "x_t" else x_t - F.avg_pool2d(x_t, 3, 1, 1, count_include_pad=False)
-            if self.skip_kind == "grey":
-                skipped = skipped.mean(1, keepdim=True).expand_as(x_t)
-            gate = self.pixel_skip(self.out_norm(patches))                                # (B, P, 1)
-            if self.skip_below is not None:
-                gate = gate * (1 - t.to(gate.dtype) / self.skip_below).clamp_min(0).view(-1, 1, 1)
-            out = out + gate * self.patchify(skipped).to(out.dtype)
+        if self.pixel_skip is not None:  # + gate x the grey of x_t's detail
+            detail = x_t - F.avg_pool2d(x_t, 3, 1, 1, count_include_pad=False)
+            grain = self.patchify(detail.mean(1, keepdim=True).expand_as(x_t)).to(out.dtype)   # (B, P, 3 p p)
+            out = out + self.pixel_skip(self.out_norm(patches)) * grain
         out = out.reshape(B, H // p, W // p, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
         if self.prediction == "x":  # out is the clean image
             return velocity_from_image(x_t, out, t), latents

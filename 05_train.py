@@ -162,27 +162,22 @@ def batch_indices(step, batch, n, seed):
 def get_batch(step, args, data, rank, world_size, device):
     """This rank's share of global batch `step`: images in [-1, 1], token ids, levels, and its RNG.
 
-    The first --long-first steps show only long captions; the --relation-steps after them only the
-    scenes whose short caption states a relation, with that caption (relation_phase says when); the
-    --count-steps, the scenes of several objects of one kind with their brief captions."""
-    images, ids, levels, first_kind, relation, short_kind, count, brief_kind = data
+    data = (images, ids, levels, kind_of, scenes): kind_of[phase] the caption kind a phase shows (an index into
+    ids), scenes[phase] the only scenes it shows (all when a phase has none); phase(step, args) says which."""
+    images, ids, levels, kind_of, scenes = data
     seed = args.seed * 1_000_003 + step * 1009 + rank
     generator = torch.Generator().manual_seed(seed)
-    focus = relation if relation_phase(step, args) else count if count_phase(step, args) else None
-    if focus is not None:  # the same global batch on every rank, drawn with replacement
-        pick = torch.randint(len(focus), (args.batch_size,), generator=torch.Generator().manual_seed(seed - rank))
-        idx = focus[pick].view(world_size, -1)[rank]
+    now = phase(step, args)
+    if now in scenes:  # the same global batch on every rank, drawn with replacement
+        pick = torch.randint(len(scenes[now]), (args.batch_size,), generator=torch.Generator().manual_seed(seed - rank))
+        idx = scenes[now][pick].view(world_size, -1)[rank]
     else:
         idx = batch_indices(step, args.batch_size, len(images), args.seed).view(world_size, -1)[rank]
     idx = idx.sort().values  # sorted reads are faster on a memory map
     x = world.to_signed(images[idx.numpy()], device)  # (B, 3, H, W)
     kind = torch.randint(len(ids), (len(idx),), generator=generator)  # which of the --captions kinds
-    if step < args.long_first:  # the first steps: every object with its cell
-        kind[:] = first_kind
-    elif relation_phase(step, args):  # then: where one object is relative to another
-        kind[:] = short_kind
-    elif count_phase(step, args):  # and how many of one kind
-        kind[:] = brief_kind
+    if now is not None:
+        kind[:] = kind_of[now]
     batch_ids = ids[kind, idx]                                          # (B, L)
     drop = torch.rand(len(idx), generator=generator) < args.text_drop  # empty caption: the CFG "no text"
     batch_ids[drop] = net.tokenize([""], batch_ids.shape[1], args.text_encoder)
@@ -192,17 +187,19 @@ def get_batch(step, args, data, rank, world_size, device):
     return x, batch_ids.to(device), levels[idx].to(device), torch.Generator(device).manual_seed(seed)
 
 
-def relation_phase(step, args):
-    """Is `step` one of the --relation-steps? They follow the --long-first ones, every --relation-every-th
-    step (1: one block) until there are --relation-steps of them."""
+def phase(step, args):
+    """What step `step` teaches, or None (the caption mix): "long" for the first --long-first steps (long
+    captions: every object with its cell); after them "relation" every --relation-every-th step (1: one block)
+    until there were --relation-steps (where one object is relative to another); "count" for the step after
+    each relation step until there were --count-steps (how many of one kind; --relation-every >= 2)."""
     since, every = step - args.long_first, args.relation_every
-    return since >= 0 and since % every == 0 and since // every < args.relation_steps
-
-
-def count_phase(step, args):
-    """Is `step` one of the --count-steps? Each follows a relation step (--relation-every >= 2)."""
-    since, every = step - args.long_first - 1, args.relation_every
-    return since >= 0 and since % every == 0 and since // every < args.count_steps
+    if since < 0:
+        return "long"
+    if since % every == 0 and since // every < args.relation_steps:
+        return "relation"
+    if every > 1 and since % every == 1 and since // every < args.count_steps:
+        return "count"
+    return None
 
 
 def net_overrides(spec):
@@ -336,12 +333,11 @@ def train(args):
     if args.relation_steps and ("short" not in kinds or not len(relation)):
         sys.exit(f"{STAGE}: error: --relation-steps needs short captions in --captions and scenes with a relation "
                  f"(the shapes world's clean or full)")
-    first_kind = kinds.index("long") if args.long_first else None
-    short_kind = kinds.index("short") if args.relation_steps else None
     if args.count_steps and ("brief" not in kinds or not len(count) or args.relation_every < 2):
         sys.exit(f"{STAGE}: error: --count-steps needs brief captions in --captions, scenes of several objects of one "
                  f"kind and --relation-every 2 or more")
-    brief_kind = kinds.index("brief") if args.count_steps else None
+    kind_of = {name: kinds.index(kind) for name, kind, steps in (("long", "long", args.long_first),
+               ("relation", "short", args.relation_steps), ("count", "brief", args.count_steps)) if steps}
     if model_args is None:  # the checkpoint records the text encoder, so 06/07 rebuild (and reload) it
         model_args = dict(net.PRESETS[args.preset], num_rewards=len(names), text_encoder=args.text_encoder, **overrides)
     changed = {k: v for k, v in overrides.items() if model_args.get(k) != v}
@@ -402,12 +398,12 @@ def train(args):
             if int(os.path.basename(snapshot)[:-3]) > step:  # from after the checkpoint, or an earlier run's
                 os.remove(snapshot)
 
-    data = (images, ids, levels, first_kind, relation, short_kind, count, brief_kind)
+    data = (images, ids, levels, kind_of, {"relation": relation, "count": count})
     last_good, window, started = step, [], time.perf_counter()
     end = min(args.stop_at or args.steps, args.steps)
     while step < end:
         x, batch_ids, batch_levels, generator = get_batch(step, args, data, rank, world_size, device)
-        shift = RELATION_T_SHIFT if relation_phase(step, args) else args.t_shift
+        shift = RELATION_T_SHIFT if phase(step, args) == "relation" else args.t_shift
         t = sample_t(len(x), args.t_dist, generator, device, shift)
         eps = torch.randn(x.shape, generator=generator, device=device)
         self_cond = (torch.rand(len(x), generator=generator, device=device) < args.self_cond).float()

@@ -126,12 +126,11 @@ def test_image_self_cond_reads_the_first_pass_estimate():
     assert torch.allclose(zeros, v, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("skip", ["x_t", "detail", "grey"])
-def test_pixel_skip_adds_the_gated_x_t_to_the_estimate(skip):
-    """pixel_skip: the clean-image estimate is the patch output plus g x_t (or x_t's detail, x_t less its 3x3
-    mean), g read per patch from its token; zero-initialised it changes nothing. With the gate's weight at
-    zero and its bias b, the estimate is the plain one plus b x_t (b times the detail)."""
-    model, args = tiny(2, prediction="x", pixel_skip=skip)
+def test_pixel_skip_adds_the_gated_grey_detail_to_the_estimate():
+    """pixel_skip: the clean-image estimate is the patch output plus g times the grey of x_t's detail (x_t less
+    its 3x3 mean, averaged over R, G, B), g read per patch from its token; zero-initialised it changes nothing.
+    With the gate's weight at zero and its bias b, the estimate is the plain one plus b times that grey detail."""
+    model, args = tiny(2, prediction="x", pixel_skip=True)
     model = model.double()
     plain, _ = tiny(2, prediction="x")
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pixel_skip")})
@@ -145,21 +144,13 @@ def test_pixel_skip_adds_the_gated_x_t_to_the_estimate(skip):
         v, _ = model(x_t, t, levels, ids)
     mean3 = torch.stack([F.pad(x_t, (1, 1, 1, 1))[..., i:i + 32, j:j + 32] for i in range(3) for j in range(3)])
     count = torch.stack([F.pad(torch.ones_like(x_t), (1, 1, 1, 1))[..., i:i + 32, j:j + 32] for i in range(3) for j in range(3)])
-    skipped = x_t if skip == "x_t" else x_t - mean3.sum(0) / count.sum(0)  # the mean over the window's pixels in the image
-    if skip == "grey":  # the detail's mean over R, G, B, on every channel
-        skipped = skipped.mean(1, keepdim=True).expand_as(x_t)
-    torch.testing.assert_close(model.estimate(x_t, v, t), plain.estimate(x_t, v0, t) + 0.3 * skipped, atol=1e-10, rtol=0)
-    model.skip_below = 0.25
-    with torch.no_grad():  # skip_below = 0.25: off at t = 0.5 and 0.9, at 1 - t / 0.25 (0.92) of its strength at t = 0.02
-        v2, _ = model(x_t, t, levels, ids)
-    torch.testing.assert_close(v2[1:], v0[1:], atol=1e-12, rtol=0)
-    fade = 1 - t[0].double() / 0.25  # t as the network gets it (float32)
-    torch.testing.assert_close(model.estimate(x_t, v2, t)[0], plain.estimate(x_t, v0, t)[0] + 0.3 * fade * skipped[0],
-                               atol=1e-10, rtol=0)
+    detail = x_t - mean3.sum(0) / count.sum(0)  # the mean over the window's pixels in the image
+    grey = detail.mean(1, keepdim=True).expand_as(x_t)
+    torch.testing.assert_close(model.estimate(x_t, v, t), plain.estimate(x_t, v0, t) + 0.3 * grey, atol=1e-10, rtol=0)
     with pytest.raises(ValueError, match="pixel_skip"):
-        tiny(2, prediction="v", pixel_skip=skip)
+        tiny(2, prediction="v", pixel_skip=True)
     with pytest.raises(ValueError, match="pixel_skip"):
-        tiny(2, prediction="x", pixel_skip="grain")
+        tiny(2, prediction="x", pixel_skip="grey")
 
 
 def test_tokenizer_is_open_clips_and_leaves_the_package_unimported():
@@ -218,8 +209,7 @@ def test_raw_output_is_the_image_or_the_skip_residual(prediction):
     """With the output layer zeroed, an x-predicting net guesses the image 0 (v = x_t / t) and a
     v-predicting one the linear guess c_skip x_t."""
     model, args = tiny(1, prediction=prediction)
-    last = model.patch_out[-1] if isinstance(model.patch_out, torch.nn.Sequential) else model.patch_out  # patch_mlp
-    torch.nn.init.zeros_(last.weight), torch.nn.init.zeros_(last.bias)
+    torch.nn.init.zeros_(model.patch_out.weight), torch.nn.init.zeros_(model.patch_out.bias)
     x_t, _, levels, ids = net.dummy_inputs(args, 3)
     t = torch.tensor([0.02, 0.5, 1.0])
     with torch.no_grad():
@@ -231,7 +221,7 @@ def test_raw_output_is_the_image_or_the_skip_residual(prediction):
 def test_pca_interface_hands_back_patches_of_its_subspace():
     """fit_interface on images whose patches lie in a data_dim-wide subspace: patch_out undoes patch_in once
     each channel is divided by its std, so patch_out(patch_in(p) / std) = p for every such patch."""
-    model, _ = tiny(0, patch_mlp=False, interface="pca", data_dim=16)
+    model, _ = tiny(0, interface="pca", data_dim=16)
     torch.manual_seed(0)
     basis, mean = torch.linalg.qr(torch.randn(768, 16))[0].T, torch.randn(768) * 0.1  # 16 directions
     coords = torch.randn(512, 16) * torch.linspace(2, 0.5, 16)
@@ -257,8 +247,7 @@ def test_self_conditioned_step_reaches_every_parameter(amp):
     loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
-    first = model.patch_in[0] if isinstance(model.patch_in, torch.nn.Sequential) else model.patch_in  # patch_mlp
-    assert first.weight.grad.abs().sum() > 0
+    assert model.patch_in.weight.grad.abs().sum() > 0
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
@@ -275,8 +264,7 @@ def test_batch_ids_are_trimmed_to_the_longest_caption_rounded_up_to_8():
                               relation_every=1, count_steps=0)
     captions = ["a red circle.", "two blue squares and a green triangle.", "a circle.", "an orange square."]
     ids = net.tokenize(captions, 64)[None]                   # one caption kind, (1, 4, 64)
-    data = (np.zeros((4, 8, 8, 3), np.uint8), ids, torch.zeros(4, 1), None, torch.zeros(0, dtype=torch.long), None,
-            torch.zeros(0, dtype=torch.long), None)
+    data = (np.zeros((4, 8, 8, 3), np.uint8), ids, torch.zeros(4, 1), {}, {})
     _, batch_ids, _, _ = train.get_batch(0, args, data, 0, 1, torch.device("cpu"))
     longest = int((ids != net.PAD_ID).sum(-1).max())
     assert batch_ids.shape[1] == -(-longest // 8) * 8 < 64
@@ -287,8 +275,7 @@ def test_long_first_shows_only_the_long_captions_for_its_steps():
     args = argparse.Namespace(seed=0, batch_size=64, text_drop=0.0, text_encoder="own", long_first=3, relation_steps=0,
                               relation_every=1, count_steps=0)
     ids = torch.stack([torch.full((64, 8), 7), torch.full((64, 8), 9)])  # two caption kinds; the second is long
-    data = (np.zeros((64, 8, 8, 3), np.uint8), ids, torch.zeros(64, 1), 1, torch.zeros(0, dtype=torch.long), None,
-            torch.zeros(0, dtype=torch.long), None)
+    data = (np.zeros((64, 8, 8, 3), np.uint8), ids, torch.zeros(64, 1), {"long": 1}, {})
     first = [train.get_batch(step, args, data, 0, 1, torch.device("cpu"))[1] for step in range(4)]
     assert all((batch == 9).all() for batch in first[:3])
     assert (first[3] == 7).any() and (first[3] == 9).any()
@@ -303,7 +290,7 @@ def test_relation_steps_show_only_scenes_with_a_relation_and_their_short_caption
     images = np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)  # image i is i
     ids = torch.stack([torch.full((n, 8), 7), torch.full((n, 8), 9), torch.full((n, 8), 5)])  # alt, long, short
     relation = torch.tensor([3, 17, 21, 30])
-    data = (images, ids, torch.zeros(n, 1), 1, relation, 2, torch.zeros(0, dtype=torch.long), None)
+    data = (images, ids, torch.zeros(n, 1), {"long": 1, "relation": 2}, {"relation": relation})
     shown = lambda x: set(((x[:, 0, 0, 0] + 1) * 127.5).round().long().tolist())  # the image indices of a batch
     for step in range(6):
         x, batch_ids, _, _ = train.get_batch(step, args, data, 0, 1, torch.device("cpu"))
@@ -315,9 +302,9 @@ def test_relation_steps_show_only_scenes_with_a_relation_and_their_short_caption
             assert sorted(torch.cat(halves)[:, 0, 0, 0].tolist()) == sorted(x[:, 0, 0, 0].tolist())
         else:
             assert not shown(x) <= set(relation.tolist()) and (batch_ids != 5).any()
-    assert [train.relation_phase(step, args) for step in range(6)] == [False, False, True, True, True, False]
+    assert [train.phase(step, args) for step in range(6)] == ["long", "long", "relation", "relation", "relation", None]
     args.relation_every = 2  # interleaved: every second step after the long-first ones, three of them
-    assert [train.relation_phase(step, args) for step in range(10)] == [False, False] + [True, False] * 3 + [False, False]
+    assert [train.phase(step, args) for step in range(10)] == ["long"] * 2 + ["relation", None] * 3 + [None, None]
 
 
 def test_count_steps_follow_the_relation_steps_with_one_kind_scenes_and_brief_captions():
@@ -329,11 +316,9 @@ def test_count_steps_follow_the_relation_steps_with_one_kind_scenes_and_brief_ca
     images = np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3)  # image i is i
     ids = torch.stack([torch.full((n, 8), k) for k in (7, 9, 5, 4)])  # alt, long, short, brief
     relation, count = torch.tensor([3, 17]), torch.tensor([8, 12, 33])
-    data = (images, ids, torch.zeros(n, 1), 1, relation, 2, count, 3)
+    data = (images, ids, torch.zeros(n, 1), {"long": 1, "relation": 2, "count": 3}, {"relation": relation, "count": count})
     shown = lambda x: set(((x[:, 0, 0, 0] + 1) * 127.5).round().long().tolist())
-    phases = [("relation" if train.relation_phase(s, args) else "count" if train.count_phase(s, args) else "")
-              for s in range(9)]
-    assert phases == ["", "relation", "count", "", "relation", "count", "", "", ""]
+    assert [train.phase(s, args) for s in range(9)] == ["long", "relation", "count", None, "relation", "count", None, None, None]
     for step in (2, 5):
         x, batch_ids, _, _ = train.get_batch(step, args, data, 0, 1, torch.device("cpu"))
         assert (batch_ids == 4).all() and shown(x) <= set(count.tolist())

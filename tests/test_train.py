@@ -157,7 +157,7 @@ def test_network_settings_and_caption_kinds_are_flags(data):
     assert train.net_overrides("patch_size=8,sigma_data=0.4,prediction=v") == {
         "patch_size": 8, "sigma_data": 0.4, "prediction": "v"}
     for bad, words in ((["--net", "depth=3"], ["--net", "depth=3", "patch_cond"]),
-                       (["--net", "patch_mlp=true"], ["--net", "interface=learned"]),  # the preset's PCA interface is linear
+                       (["--net", "pixel_skip=grey"], ["--net", "pixel_skip", "true or false"]),
                        (["--net", "cell_codes=grid"], ["--net", "cell_codes", "'grid'"]),
                        (["--captions", "short,poem"], ["--captions", "poem"])):
         result = run("05_train.py", "--out", data, "--run", "bad", "--steps", 1, *bad, *FAST, check=False)
