@@ -264,33 +264,6 @@ def sweep(model, names, reward, settings, n_prompts, how, seed, device, world_na
     return out
 
 
-@torch.no_grad()
-def contrast_probe(model, names, ts=PROBE_TS, n=64, device="cpu"):
-    """How much of an object does the network keep? n fresh one-object images of the world, noised to each
-    t, at the top reward target, captioned with their colour and kind ("a red circle.") and without the
-    colour ("a circle."): the share of the object's contrast (its difference from the background) the
-    clean-image estimate keeps, (x_hat - bg) . (x - bg) / |x - bg|^2, averaged. 1 keeps the object; below 1
-    every sampling step fades it a little (an Euler step lands on x_s = (s/t) x_t + (1 - s/t) x_hat), and the
-    fades multiply: an object drawn by mid-sampling can be gone at t = 0. {"named": [per t], "colour-free": [...]}"""
-    images, captions = world.make_shapes(n, model.image_size, seed=PROBE_SEED, world="one", progress=False)
-    x = world.to_signed(images)
-    background = torch.tensor(world.BACKGROUND).float().view(1, 3, 1, 1) / 127.5 - 1
-    kinds = [m["scene"]["objects"][0]["kind"] for m in captions["meta"]]
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    levels = torch.ones(n, len(names), device=device)
-    out = {}
-    for label, prompts in (("named", captions["short"]), ("colour-free", [f"a {k}." for k in kinds])):
-        tokens, mask = model.encode_text(net.tokenize(prompts, model.text_len, model.text_encoder).to(device))
-        kept = []
-        for t in ts:
-            x_t = ((1 - t) * x + t * noise).to(device)
-            v, _ = model.denoise(x_t, torch.full((n,), t, device=device), levels, tokens, mask)
-            x_hat, obj = (x_t - t * v.float()).cpu() - background, x - background
-            kept.append(float(((x_hat * obj).sum((1, 2, 3)) / obj.square().sum((1, 2, 3))).mean()))
-        out[label] = kept
-    return out
-
-
 def isolation_grid(model, names, n_prompts, how, seed, device, path, world_name="full"):
     """Paper Fig. 9: a row per reward j, guided along j alone (s- = s+ = 1 except s-_j = 0), then a row per
     reward guided towards its low end (s- = s+ = 1 except s+_j = 0), the same noise in every row; the first
@@ -391,15 +364,35 @@ def report(args):
 
 
 def write_report(args, runs, device, eval_dir):
+    """The report's sections in order, each adding its lines to report.md and its numbers to results.json."""
     for run in runs:  # every run was trained by 05 (its log is there)
         read_log(args.out, run)
     models = {run: sampler.load_run(args.out, run, device=device, stage=STAGE) for run in runs}
     world_name = dataset_world(args.out)
-    tasks = WORLD_TASKS[world_name]
-    all_rewards = list(rewards.REWARDS)
-    metrics = all_rewards + list(tasks) + ["overall"] + list(FACTS)
-    summary, results = {}, {"config": vars(args), "world": world_name, "runs": {}}
     how = sampler.sampling_of(args)
+    results = {"config": vars(args), "world": world_name, "runs": {}}
+    summary, md = score_runs(args, models, how, world_name, device, eval_dir, results)
+    names = {run: ckpt["reward_names"] for run, (_, ckpt) in models.items()}
+    most = max(len(n) for n in names.values())
+    miro = next((r for r in runs if most > 1 and len(names[r]) == most), None)  # the run with all rewards
+    base = next((r for r in runs if not names[r]), None)
+    if miro and base:
+        md += miro_against_baseline(args, models, miro, base, summary, how, world_name, device, eval_dir, results)
+    singles = [r for r in runs if len(names[r]) == 1 and r != miro]
+    if miro and singles:
+        md += reward_hacking(miro, singles, names, summary, results)
+    if miro:
+        md += dials(args, models[miro][0], names[miro], miro, how, world_name, device, eval_dir, results)
+    world.save_together({os.path.join(eval_dir, "report.md"): "\n".join(md) + "\n",
+                         os.path.join(eval_dir, "results.json"): json.dumps(results, indent=1) + "\n"})
+
+
+def score_runs(args, models, how, world_name, device, eval_dir, results):
+    """Every run at the top target over --seeds sampling seeds: the tables, the GenEval-style grids, the radar.
+    Returns summary {run: {"mean", "std": {metric: float}}} and the report's first lines."""
+    tasks, all_rewards = WORLD_TASKS[world_name], list(rewards.REWARDS)
+    metrics = all_rewards + list(tasks) + ["overall"] + list(FACTS)
+    summary = {}
     for run, (model, ckpt) in models.items():
         per_seed = [evaluate(model, ckpt["reward_names"], seed, how, args.per_task, args.captions, device, progress=True,
                              world_name=world_name,
@@ -411,7 +404,6 @@ def write_report(args, runs, device, eval_dir):
                                 "contrast_probe": contrast_probe(model, ckpt["reward_names"], device=device)}
         print(f"{run} (step {ckpt['step']}): " + ", ".join(f"{m} {summary[run]['mean'][m]:.3f}"
                                                           for m in all_rewards + ["overall"]))
-
     md = [f"# MIRO on the shapes world ({world_name})\n", f"Runs evaluated at w = {args.cfg}"
           f"{f' at t <= {args.cfg_max_t:g} only' if args.cfg_max_t < 1 else ''} ({args.neg_text} text in the negative "
           f"branch; text guidance for runs without rewards), {args.steps} {args.method.capitalize()} steps"
@@ -426,84 +418,83 @@ def write_report(args, runs, device, eval_dir):
           "object's contrast the clean-image estimate keeps (1: all; below 1 every sampling step fades the object "
           "a little, and the fades multiply):\n",
           *table(["run", "caption", *(f"t = {t:g}" for t in PROBE_TS)],
-                 [[run, label, *(f"{v:.3f}" for v in kept)] for run in runs
+                 [[run, label, *(f"{v:.3f}" for v in kept)] for run in models
                   for label, kept in results["runs"][run]["contrast_probe"].items()]), ""]
     ranges = reward_ranges(args.out)
     plot_radar(summary, all_rewards + ["overall"], ranges, os.path.join(eval_dir, "radar.png"))
     results["reward_ranges"] = ranges
     md += ["GenEval-style samples of sampling seed 0, a row per task (the first prompts of each):\n",
-           *[f"{run}:\n\n![{run}](geneval_{run}.png)\n" for run in runs]]
+           *[f"{run}:\n\n![{run}](geneval_{run}.png)\n" for run in models]]
     md += ["![radar](radar.png)", "", "The radar places each reward between the 1st (0) and the 99th (1) percentile of "
            "the training images' scores; GenEval overall as it is.", ""]
+    return summary, md
 
-    most = max(len(models[r][1]["reward_names"]) for r in runs)
-    miro = next((r for r in runs if most > 1 and len(models[r][1]["reward_names"]) == most), None)  # all rewards
-    base = next((r for r in runs if not models[r][1]["reward_names"]), None)
-    if miro and base:
-        beats = {m: summary[miro]["mean"][m] - summary[base]["mean"][m]
-                 > summary[miro]["std"][m] + summary[base]["std"][m] for m in all_rewards + ["overall"]}
-        results["miro_beats_baseline"] = beats
-        md += [f"{miro} beats {base} by more than the seed spread on: "
-               f"{', '.join(m for m, ok in beats.items() if ok) or 'nothing'}.", ""]
-        evals = {run: snapshot_evals(args.out, run, models[run][0], models[run][1]["reward_names"], how,
-                                     args.curve_per_task, args.curve_captions, world_name, device) for run in (miro, base)}
-        if all(evals.values()):
-            speed = {m: speedup(evals[miro], evals[base], m) for m in all_rewards + ["overall"]}
-            results["speedup"] = speed
-            plot_curves(evals, all_rewards + ["overall"], os.path.join(eval_dir, "curves.png"))
-            md += ["## Convergence (paper Fig. 5)\n", *table(
-                ["metric", "baseline final", "at step", "MIRO reaches it at step", "speedup"],
-                [[m, f"{s['baseline_final']:.3f}", s["baseline_steps"], s["miro_steps"] or "never",
-                  f"{s['speedup']:.1f}x" if s["speedup"] else "-"] for m, s in speed.items()]),
-                   "", "![curves](curves.png)", ""]
-        curves = {run: best_of_curve(models[run][0], models[run][1]["reward_names"], args.select, args.best_prompts,
-                                     args.best_k, how, 0, device, world_name)
-                  for run in (miro, base)}
-        results["best_of"] = {"select": args.select, "curves": curves}
-        plot_xy(curves, "N (best of N)", f"best {args.select}", os.path.join(eval_dir, "best_of.png"), logx=True)
-        md += [f"## Best of N by {args.select} (paper Fig. 8)\n", *table(
-            ["run", *(f"N={n}" for n in curves[miro])], [[run, *(f"{v:.3f}" for v in c.values())]
-                                                        for run, c in curves.items()]),
-               "", "![best of N](best_of.png)", ""]
 
-    singles = [r for r in runs if len(models[r][1]["reward_names"]) == 1 and r != miro]
-    if miro and singles:  # reward hacking: a model that only knows one reward, against MIRO
-        results["single_reward"], rows = {}, []
-        for run in singles:
-            name = models[run][1]["reward_names"][0]
-            mine, theirs = summary[run]["mean"], summary[miro]["mean"]
-            results["single_reward"][run] = {"reward": name, "on_it": [mine[name], theirs[name]],
-                                             "alignment": [mine["alignment"], theirs["alignment"]]}
-            rows.append([run, name, f"{mine[name]:.3f} / {theirs[name]:.3f}",
-                         f"{mine['alignment']:.3f} / {theirs['alignment']:.3f}"])
-        md += ["## Single-reward models (reward hacking)\n", *table(
-            ["run", "its reward", "on it: run / MIRO", "alignment: run / MIRO"], rows), ""]
+def miro_against_baseline(args, models, miro, base, summary, how, world_name, device, eval_dir, results):
+    """Where MIRO leads by more than the seed spread, the convergence curves and speed-up (Fig. 5), best of N (Fig. 8)."""
+    all_rewards = list(rewards.REWARDS)
+    beats = {m: summary[miro]["mean"][m] - summary[base]["mean"][m]
+             > summary[miro]["std"][m] + summary[base]["std"][m] for m in all_rewards + ["overall"]}
+    results["miro_beats_baseline"] = beats
+    md = [f"{miro} beats {base} by more than the seed spread on: "
+          f"{', '.join(m for m, ok in beats.items() if ok) or 'nothing'}.", ""]
+    evals = {run: snapshot_evals(args.out, run, models[run][0], models[run][1]["reward_names"], how,
+                                 args.curve_per_task, args.curve_captions, world_name, device) for run in (miro, base)}
+    if all(evals.values()):
+        speed = {m: speedup(evals[miro], evals[base], m) for m in all_rewards + ["overall"]}
+        results["speedup"] = speed
+        plot_curves(evals, all_rewards + ["overall"], os.path.join(eval_dir, "curves.png"))
+        md += ["## Convergence (paper Fig. 5)\n", *table(
+            ["metric", "baseline final", "at step", "MIRO reaches it at step", "speedup"],
+            [[m, f"{s['baseline_final']:.3f}", s["baseline_steps"], s["miro_steps"] or "never",
+              f"{s['speedup']:.1f}x" if s["speedup"] else "-"] for m, s in speed.items()]),
+               "", "![curves](curves.png)", ""]
+    curves = {run: best_of_curve(models[run][0], models[run][1]["reward_names"], args.select, args.best_prompts,
+                                 args.best_k, how, 0, device, world_name)
+              for run in (miro, base)}
+    results["best_of"] = {"select": args.select, "curves": curves}
+    plot_xy(curves, "N (best of N)", f"best {args.select}", os.path.join(eval_dir, "best_of.png"), logx=True)
+    return md + [f"## Best of N by {args.select} (paper Fig. 8)\n", *table(
+        ["run", *(f"N={n}" for n in curves[miro])], [[run, *(f"{v:.3f}" for v in c.values())]
+                                                    for run, c in curves.items()]),
+                 "", "![best of N](best_of.png)", ""]
 
-    if miro:
-        model, names = models[miro][0], models[miro][1]["reward_names"]
-        levels = np.linspace(0, 1, args.sweep_levels).tolist()
-        common = (args.sweep_prompts, how, 0, device, world_name)
-        by_level = dict(zip(levels, sweep(model, names, args.sweep, [(v, args.cfg) for v in levels], *common)))
-        by_w = dict(zip(args.cfg_sweep, sweep(model, names, args.sweep, [(1.0, w) for w in args.cfg_sweep], *common)))
-        results["sweep"] = {"reward": args.sweep, "target": by_level, "cfg": by_w,
-                            "target_monotone": monotone(list(by_level.values())),
-                            "cfg_monotone": monotone(list(by_w.values()))}
-        plot_xy({f"{miro}: target of {args.sweep}": by_level}, f"s+ of {args.sweep}", args.sweep,
-                os.path.join(eval_dir, "sweep.png"))
-        plot_xy({f"{miro}: top target": by_w}, "guidance weight w", args.sweep, os.path.join(eval_dir, "cfg.png"))
-        md += [f"## Dialling {args.sweep} (paper Fig. 12)\n",
-               *table([f"s+ of {args.sweep}", *(f"{k:.2f}" for k in by_level)],
-                      [[args.sweep, *(f"{v:.3f}" for v in by_level.values())]]), "",
-               *table(["w", *(f"{k:g}" for k in by_w)], [[args.sweep, *(f"{v:.3f}" for v in by_w.values())]]), "",
-               "![sweep](sweep.png) ![cfg](cfg.png)", ""]
-        isolation_grid(model, names, args.grid_prompts, how, 0, device, os.path.join(eval_dir, "isolation.png"),
-                       world_name)
-        md += ["## Guiding one reward at a time (paper Fig. 9)\n", "The same noise in every row: all rewards at s+ = 1, "
-               "then each reward guided up alone (only ...), then each guided down alone (... at 0).\n",
-               "![isolation](isolation.png)", ""]
 
-    world.save_together({os.path.join(eval_dir, "report.md"): "\n".join(md) + "\n",
-                         os.path.join(eval_dir, "results.json"): json.dumps(results, indent=1) + "\n"})
+def reward_hacking(miro, singles, names, summary, results):
+    """Each model that knows one reward against MIRO: its reward, and the alignment it pays for it."""
+    results["single_reward"], rows = {}, []
+    for run in singles:
+        name = names[run][0]
+        mine, theirs = summary[run]["mean"], summary[miro]["mean"]
+        results["single_reward"][run] = {"reward": name, "on_it": [mine[name], theirs[name]],
+                                         "alignment": [mine["alignment"], theirs["alignment"]]}
+        rows.append([run, name, f"{mine[name]:.3f} / {theirs[name]:.3f}",
+                     f"{mine['alignment']:.3f} / {theirs['alignment']:.3f}"])
+    return ["## Single-reward models (reward hacking)\n", *table(
+        ["run", "its reward", "on it: run / MIRO", "alignment: run / MIRO"], rows), ""]
+
+
+def dials(args, model, names, miro, how, world_name, device, eval_dir, results):
+    """MIRO's dials: one reward's target and w swept (Fig. 12), and each reward guided alone (Fig. 9)."""
+    levels = np.linspace(0, 1, args.sweep_levels).tolist()
+    common = (args.sweep_prompts, how, 0, device, world_name)
+    by_level = dict(zip(levels, sweep(model, names, args.sweep, [(v, args.cfg) for v in levels], *common)))
+    by_w = dict(zip(args.cfg_sweep, sweep(model, names, args.sweep, [(1.0, w) for w in args.cfg_sweep], *common)))
+    results["sweep"] = {"reward": args.sweep, "target": by_level, "cfg": by_w,
+                        "target_monotone": monotone(list(by_level.values())),
+                        "cfg_monotone": monotone(list(by_w.values()))}
+    plot_xy({f"{miro}: target of {args.sweep}": by_level}, f"s+ of {args.sweep}", args.sweep,
+            os.path.join(eval_dir, "sweep.png"))
+    plot_xy({f"{miro}: top target": by_w}, "guidance weight w", args.sweep, os.path.join(eval_dir, "cfg.png"))
+    isolation_grid(model, names, args.grid_prompts, how, 0, device, os.path.join(eval_dir, "isolation.png"), world_name)
+    return [f"## Dialling {args.sweep} (paper Fig. 12)\n",
+            *table([f"s+ of {args.sweep}", *(f"{k:.2f}" for k in by_level)],
+                   [[args.sweep, *(f"{v:.3f}" for v in by_level.values())]]), "",
+            *table(["w", *(f"{k:g}" for k in by_w)], [[args.sweep, *(f"{v:.3f}" for v in by_w.values())]]), "",
+            "![sweep](sweep.png) ![cfg](cfg.png)", "",
+            "## Guiding one reward at a time (paper Fig. 9)\n", "The same noise in every row: all rewards at s+ = 1, "
+            "then each reward guided up alone (only ...), then each guided down alone (... at 0).\n",
+            "![isolation](isolation.png)", ""]
 
 
 def dataset_world(out):
@@ -567,6 +558,35 @@ def main():
         sys.exit(f"{STAGE}: error: --cfg-sweep {args.cfg_sweep!r}: write finite weights like 0,1,2,3")
     world.resolve_device(args.device, STAGE)  # before any file is read
     report(args)
+
+
+# ============================================================================= diagnostics
+# A probe the report prints beside the scores: why an object fades while it is sampled.
+@torch.no_grad()
+def contrast_probe(model, names, ts=PROBE_TS, n=64, device="cpu"):
+    """How much of an object does the network keep? n fresh one-object images of the world, noised to each
+    t, at the top reward target, captioned with their colour and kind ("a red circle.") and without the
+    colour ("a circle."): the share of the object's contrast (its difference from the background) the
+    clean-image estimate keeps, (x_hat - bg) . (x - bg) / |x - bg|^2, averaged. 1 keeps the object; below 1
+    every sampling step fades it a little (an Euler step lands on x_s = (s/t) x_t + (1 - s/t) x_hat), and the
+    fades multiply: an object drawn by mid-sampling can be gone at t = 0. {"named": [per t], "colour-free": [...]}"""
+    images, captions = world.make_shapes(n, model.image_size, seed=PROBE_SEED, world="one", progress=False)
+    x = world.to_signed(images)
+    background = torch.tensor(world.BACKGROUND).float().view(1, 3, 1, 1) / 127.5 - 1
+    kinds = [m["scene"]["objects"][0]["kind"] for m in captions["meta"]]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    levels = torch.ones(n, len(names), device=device)
+    out = {}
+    for label, prompts in (("named", captions["short"]), ("colour-free", [f"a {k}." for k in kinds])):
+        tokens, mask = model.encode_text(net.tokenize(prompts, model.text_len, model.text_encoder).to(device))
+        kept = []
+        for t in ts:
+            x_t = ((1 - t) * x + t * noise).to(device)
+            v, _ = model.denoise(x_t, torch.full((n,), t, device=device), levels, tokens, mask)
+            x_hat, obj = (x_t - t * v.float()).cpu() - background, x - background
+            kept.append(float(((x_hat * obj).sum((1, 2, 3)) / obj.square().sum((1, 2, 3))).mean()))
+        out[label] = kept
+    return out
 
 
 # ============================================================================= figures
