@@ -5,14 +5,17 @@ x_t = (1 - t) x + t eps (05_train.py). Sampling integrates dx/dt = v from pure n
 t = 1 down to data at t = 0, here with Euler steps (Heun as an option). At every step
 the network is asked twice, in one batched forward:
 
-    v = v(x_t, c, s+) + w * (v(x_t, c, s+) - v(x_t, c, s-))        (paper eq. 3)
+    v = v(x_t, c, s+) + w * (v(x_t, c, s+) - v(x_t, c-, s-))       (paper eq. 3)
 
 s+ and s- are the positive and negative reward targets, one level in [0, 1] per reward
 (level = bin / (B - 1), 03_bin.py): by default s+ = 1 (the top bin of every reward) and
 s- = 0, so the guidance pushes away from low-reward images and toward high-reward ones.
-w = 0 gives the plain conditional velocity v(x_t, c, s+). A run with no rewards (the
-baseline) is guided by its text instead: its negative branch sees the empty caption,
-as MIRO's does with --neg-text drop.
+c- is the empty caption by default, as in the released MIRO pipeline (its negative branch
+is the unconditional text embedding with the low targets): the guidance then pushes
+towards the caption too. --neg-text keep puts the caption in both branches (c- = c, eq. 3
+as the paper writes it), so that it guides along the rewards alone. w = 0 gives the plain
+conditional velocity v(x_t, c, s+). A run with no rewards (the baseline) is guided by its
+text alone.
 
 Modes (one at a time):
     all rewards     s+ and s- as given (default)
@@ -99,7 +102,7 @@ class Sampling:
 
     cfg        the guidance weight w of eq. 3 (0: the plain conditional velocity)
     steps      integration steps from t = 1 to 0, method "euler" or "heun"
-    neg_text   the negative branch's caption: "keep" (eq. 3) or "drop" (the empty caption)
+    neg_text   the negative branch's caption: "drop" (the empty caption, as the released pipeline) or "keep"
     cfg_max_t  guide only at t <= this (1: every step)
     t_scale    the network is told t * t_scale (<= 1). A network whose clean-image estimate keeps less
                of an object than x_t already shows fades it a little at every step (07's contrast probe),
@@ -111,7 +114,7 @@ class Sampling:
     cfg: float = 1.0
     steps: int = 50
     method: str = "euler"
-    neg_text: str = "keep"
+    neg_text: str = "drop"
     cfg_max_t: float = 1.0
     t_scale: float = 1.0
 
@@ -121,8 +124,9 @@ def add_sampling_args(parser, steps=50, method="euler"):
     parser.add_argument("--cfg", type=world.finite, default=1.0, help="guidance weight w of eq. 3 (0: no guidance)")
     parser.add_argument("--cfg-max-t", type=world.fraction, default=1.0,
                         help="guide only at t <= this (1: every step; lower leaves the noisiest steps unguided)")
-    parser.add_argument("--neg-text", default="keep", choices=["keep", "drop"],
-                        help="negative branch: the caption (eq. 3) or the empty caption (adds text guidance)")
+    parser.add_argument("--neg-text", default="drop", choices=["drop", "keep"],
+                        help="negative branch: the empty caption (text guidance too, as the released MIRO "
+                             "pipeline) or the caption (the rewards alone)")
     parser.add_argument("--t-scale", type=world.number(float, 0.0, 1.0, low_open=True), default=1.0,
                         help="the network is told t times this (< 1: it keeps more of what x_t shows; see Sampling)")
     parser.add_argument("--steps", type=world.count, default=steps, help="integration steps from t = 1 to 0")
@@ -139,13 +143,13 @@ class Guided:
     """The guided velocity field of one batch: text and targets are fixed, x_t and t move.
 
     Both branches go through the network in one forward of 2B rows: (c, s+) then (c-, s-),
-    where c- is the caption (MIRO, eq. 3) or the empty caption (neg_text="drop", and always
-    for a run without rewards). Each branch keeps its own self-conditioning latents (or clean-image
+    where c- is the empty caption (neg_text="drop", and always for a run without rewards) or the
+    caption (neg_text="keep"). Each branch keeps its own self-conditioning latents (or clean-image
     estimate) from the previous call, as in training, where the network sees its own earlier guess.
     With t_scale < 1 the network is told t * t_scale (Sampling).
     """
 
-    def __init__(self, model, ids, s_plus, s_minus, cfg, neg_text="keep", cfg_max_t=1.0, t_scale=1.0):
+    def __init__(self, model, ids, s_plus, s_minus, cfg, neg_text, cfg_max_t=1.0, t_scale=1.0):
         B = len(ids)
         drop = neg_text == "drop" or model.num_rewards == 0
         neg_ids = net.tokenize([""], ids.shape[1], model.text_encoder).to(ids.device).expand(B, -1) if drop else ids

@@ -43,7 +43,7 @@ def t_(value, batch=3):
 @torch.no_grad()
 def test_cfg_zero_is_the_conditional_velocity(model):
     x, ids, s_plus, s_minus = inputs()
-    guided = sampler.Guided(model, ids, s_plus, s_minus, cfg=0.0)
+    guided = sampler.Guided(model, ids, s_plus, s_minus, 0.0, "keep")
     direct, latents = model(x, t_(0.7), s_plus, ids)
     torch.testing.assert_close(guided(x, 0.7), direct, **tolerance(0))
     direct2, _ = model(x, t_(0.4), s_plus, ids, prev_latents=latents)  # self-conditioned 2nd call
@@ -60,7 +60,7 @@ def test_image_self_cond_carries_each_branchs_estimate_to_the_next_call():
         m.prev_image_in.weight.normal_(0, 0.01)
     m = m.double().eval()
     x, ids, s_plus, s_minus = inputs()
-    guided = sampler.Guided(m, ids, s_plus, s_minus, cfg=2.0)
+    guided = sampler.Guided(m, ids, s_plus, s_minus, 2.0, "keep")
     guided(x, 0.7)
     estimates = [m.estimate(x, m(x, t_(0.7), s, ids)[0], t_(0.7)) for s in (s_plus, s_minus)]
     v_pos, v_neg = (m(x, t_(0.4), s, ids, prev_image=e)[0] for s, e in zip((s_plus, s_minus), estimates))
@@ -72,7 +72,7 @@ def test_image_self_cond_carries_each_branchs_estimate_to_the_next_call():
 @pytest.mark.parametrize("cfg", [1.0, 7.5])
 def test_equal_targets_give_the_conditional_velocity_for_any_cfg(model, cfg):
     x, ids, s_plus, _ = inputs()
-    guided = sampler.Guided(model, ids, s_plus, s_plus.clone(), cfg=cfg)
+    guided = sampler.Guided(model, ids, s_plus, s_plus.clone(), cfg, "keep")
     torch.testing.assert_close(guided(x, 0.5), model(x, t_(0.5), s_plus, ids)[0], **tolerance(cfg))
 
 
@@ -83,9 +83,9 @@ def test_guidance_is_eq3_with_both_branches(model, cfg):
     v_pos = model(x, t_(0.3), s_plus, ids)[0]
     v_neg = model(x, t_(0.3), s_minus, ids)[0]
     assert (v_pos - v_neg).abs().max() > 1e-2  # the targets differ enough for a wrong formula to show
-    torch.testing.assert_close(sampler.Guided(model, ids, s_plus, s_minus, cfg)(x, 0.3), v_pos + cfg * (v_pos - v_neg),
+    torch.testing.assert_close(sampler.Guided(model, ids, s_plus, s_minus, cfg, "keep")(x, 0.3), v_pos + cfg * (v_pos - v_neg),
                                **tolerance(cfg))
-    empty = net.tokenize([""] * 3, 64)  # --neg-text drop: the negative branch loses the caption too
+    empty = net.tokenize([""] * 3, 64)  # neg_text "drop" (the default): the negative branch loses the caption too
     v_drop = model(x, t_(0.3), s_minus, empty)[0]
     torch.testing.assert_close(sampler.Guided(model, ids, s_plus, s_minus, cfg, "drop")(x, 0.3),
                                v_pos + cfg * (v_pos - v_drop), **tolerance(cfg))
@@ -95,7 +95,7 @@ def test_guidance_is_eq3_with_both_branches(model, cfg):
 def test_cfg_max_t_leaves_the_noisier_steps_unguided(model):
     """Guidance only at t <= cfg_max_t: eq. 3 at t = 0.3, the conditional velocity at t = 0.8."""
     x, ids, s_plus, s_minus = inputs()
-    guided = sampler.Guided(model, ids, s_plus, s_minus, 2.0, cfg_max_t=0.5)
+    guided = sampler.Guided(model, ids, s_plus, s_minus, 2.0, "keep", cfg_max_t=0.5)
     torch.testing.assert_close(guided(x, 0.8), model(x, t_(0.8), s_plus, ids)[0], **tolerance(0))
     v_pos, v_neg = model(x, t_(0.3), s_plus, ids)[0], model(x, t_(0.3), s_minus, ids)[0]
     guided.latents = None  # as a first call: no self-conditioning latents
@@ -113,7 +113,7 @@ def test_t_scale_keeps_the_networks_estimate_told_a_smaller_t(model, t):
     told = t * 0.5
     v_told = model(x, t_(told), s_plus, ids)[0]
     estimate = x - max(told, net.T_MIN) * v_told
-    v = sampler.Guided(model, ids, s_plus, s_minus, 0.0, t_scale=0.5)(x, t)
+    v = sampler.Guided(model, ids, s_plus, s_minus, 0.0, "keep", t_scale=0.5)(x, t)
     # t reaches the velocity in float32, as it reaches the network: exact to float32's rounding of t
     torch.testing.assert_close(x - max(t, net.T_MIN) * v, estimate, atol=1e-6, rtol=0)
     assert (v - model(x, t_(t), s_plus, ids)[0]).abs().max() > 1e-3  # told the true t, it would differ
