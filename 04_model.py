@@ -338,15 +338,10 @@ class TextRIN(nn.Module):
         self.patch_norm = RMSNorm(data_dim)
         self.out_norm = RMSNorm(data_dim)
         self.patch_out = nn.Linear(data_dim, patch_values)
-        # pixel_skip (x-prediction): the estimate adds g times the grey of x_t's detail (x_t less its 3x3 mean,
-        # averaged over the channels: grain is grey, clutter's specks are not), g a gate per patch read from its
-        # token (zero-initialised below), so that a patch can keep the pixel grain x_t shows, which the smooth
-        # output of a 256-wide token cannot draw
         if pixel_skip not in (False, True):
             raise ValueError(f"pixel_skip must be true or false, not {pixel_skip!r}")
         if pixel_skip and prediction != "x":
             raise ValueError("pixel_skip gates x_t into the clean-image estimate: it needs prediction='x'")
-        self.pixel_skip = nn.Linear(data_dim, 1) if pixel_skip else None
         # latents, and latent self-conditioning (zero-initialised: a no-op at the start)
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim) * 0.02)
         self.prev_norm, self.prev_proj = RMSNorm(latent_dim), nn.Linear(latent_dim, latent_dim)
@@ -372,8 +367,13 @@ class TextRIN(nn.Module):
         nn.init.zeros_(self.prev_proj.weight)
         if self_cond == "image":
             nn.init.zeros_(self.prev_image_in.weight)
+        # pixel_skip (x-prediction): the estimate adds g times the grey of x_t's detail (x_t less its 3x3 mean,
+        # averaged over the channels: grain is grey, clutter's specks are not), g a gate per patch read from its
+        # token, so that a patch can keep the pixel grain x_t shows, which the smooth output of a 256-wide token
+        # cannot draw. Made last and zero-initialised: the rest of the network starts as it would without it.
+        self.pixel_skip = nn.Linear(data_dim, 1) if pixel_skip else None
         if pixel_skip:
-            nn.init.zeros_(self.pixel_skip.weight)
+            nn.init.zeros_(self.pixel_skip.weight), nn.init.zeros_(self.pixel_skip.bias)
 
     def patchify(self, x):
         """(B, 3, H, W) -> (B, P, 3 p p), patches in row-major order."""

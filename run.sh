@@ -7,13 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out}
 WORLD=${WORLD:-full}
-SC_IMAGE="--self-cond 0.5 --net self_cond=image"  # self-conditioning on the estimate (below), or none
 # Per world: scenes, steps per run (batch 16), LONG: the first 1/LONG of the steps on long captions alone (0: none),
-# PHASES: a quarter of the steps on relations, COUNT: a quarter on counts, self-conditioning, the told t (all below).
+# PHASES: a quarter of the steps on relations, COUNT: a quarter on counts, SELF_COND: how often a step self-conditions,
+# NET: network settings beside the tiny preset's (04_model.TextRIN's arguments), T_SCALE: the told t (all below).
 case "$WORLD" in
-  one)   SCENES=10000; DEFAULT_STEPS=1050; LONG=0; PHASES=0; COUNT=0; SELF_COND="--self-cond 0"; T_SCALE=1 ;;
-  clean) SCENES=20000; DEFAULT_STEPS=2400; LONG=4; PHASES=1; COUNT=1; SELF_COND=$SC_IMAGE; T_SCALE=0.85 ;;
-  full)  SCENES=20000; DEFAULT_STEPS=5400; LONG=8; PHASES=1; COUNT=0; SELF_COND="--self-cond 0"; T_SCALE=1 ;;
+  one)   SCENES=10000; DEFAULT_STEPS=1050; LONG=0; PHASES=0; COUNT=0; SELF_COND=0; NET=""; T_SCALE=1 ;;
+  clean) SCENES=20000; DEFAULT_STEPS=2400; LONG=4; PHASES=1; COUNT=1; SELF_COND=0.5; NET="self_cond=image"; T_SCALE=0.85 ;;
+  full)  SCENES=20000; DEFAULT_STEPS=5400; LONG=8; PHASES=1; COUNT=0; SELF_COND=0; NET="pixel_skip=true"; T_SCALE=1 ;;
   *) echo "run.sh: error: WORLD=$WORLD: use one, clean or full" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$DEFAULT_STEPS}
@@ -28,7 +28,8 @@ python 04_model.py   --preset tiny                                              
 # than half the images per second of one run on two. So each run gets half the cores.
 # On clean half the steps self-condition on the clean-image estimate of a first pass (--self-cond 0.5, --net
 # self_cond=image): a cell sees what the last sampling step drew there. On full it costs MIRO its colour-free
-# objects ("a circle." fades) and a tenth of the steps' speed, so it is off there. t is shifted towards noise (--t-shift 3),
+# objects ("a circle." fades) and a tenth of the steps' speed, so it is off there. On full the clean-image estimate
+# may keep the grain of x_t (pixel_skip=true): without it no sample guided to low_noise 0 is grainy. t is shifted towards noise (--t-shift 3),
 # where the layout is decided. On clean the first quarter of the steps shows only the long captions (--long-first;
 # on full the first eighth), each object named with its cell: on the caption mix alone the network never learns
 # which words name which cell. After it every third step (--relation-every 3, a quarter of all steps) shows a scene of two
@@ -37,7 +38,7 @@ python 04_model.py   --preset tiny                                              
 # On clean the step after each relation step shows a scene of several objects of one kind, with its brief caption
 # ("three squares.", --count-steps): the caption mix alone leaves counts half wrong.
 THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
-RECIPE="$SELF_COND --t-shift 3 --long-first $((LONG ? STEPS / LONG : 0)) \
+RECIPE="--self-cond $SELF_COND ${NET:+--net $NET} --t-shift 3 --long-first $((LONG ? STEPS / LONG : 0)) \
   --relation-steps $((PHASES ? STEPS / 4 : 0)) --relation-every 3 --relation-objects 2 --count-steps $((COUNT ? STEPS / 4 : 0)) \
   --steps $STEPS --eval-every $EVAL"
 OMP_NUM_THREADS=$THREADS python 05_train.py --out "$OUT" --run miro --overwrite $RECIPE \
