@@ -425,14 +425,7 @@ def train(args):
 
         if step % args.log_every == 0 or step == end:
             elapsed, started = time.perf_counter() - started, time.perf_counter()
-            images_per_s = len(window) * args.batch_size / elapsed
-            t_all, loss_all = torch.cat([w[1] for w in window]), torch.cat([w[2] for w in window])
-            quarter = (t_all * 4).long().clamp(max=3)  # loss per t quarter: where the model still struggles
-            record = {"step": step, "loss": sum(w[0] for w in window) / len(window), "lr": lr_at(step - 1, args),
-                      "grad_norm": grad_norm, "images_per_s": images_per_s,
-                      "mfu": images_per_s * flops_per_image / peak if peak else None,
-                      "loss_by_t": [loss_all[quarter == q].mean().item() if (quarter == q).any() else None
-                                    for q in range(4)]}
+            record = log_record(step, window, elapsed, grad_norm, flops_per_image / peak if peak else None, args)
             if ddp:  # ranks must hold the same parameters: compare a checksum of each
                 checksum = sum(p.double().sum() for p in raw_model.parameters()).reshape(1)
                 gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
@@ -442,7 +435,7 @@ def train(args):
             if rank == 0:
                 mfu = f"{100 * record['mfu']:.1f}%" if peak else "-"
                 print(f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | grad norm {grad_norm:.3f} "
-                      f"| {images_per_s:7.1f} img/s | MFU {mfu}", flush=True)
+                      f"| {record['images_per_s']:7.1f} img/s | MFU {mfu}", flush=True)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
         if (step % args.log_every == 0 or step % args.ckpt_every == 0 or step == end) and not all(
@@ -458,6 +451,18 @@ def train(args):
         print(f"saved {ckpt_path} at step {step}")
     if ddp:
         dist.destroy_process_group()
+
+
+def log_record(step, window, elapsed, grad_norm, mfu_per_image, args):
+    """One log.jsonl line for the steps of `window` [(loss, t, per-image loss)]: mean loss, lr, grad norm,
+    images/s, MFU (None without a known peak), and the loss per quarter of t, where the model still struggles."""
+    images_per_s = len(window) * args.batch_size / elapsed
+    t_all, loss_all = torch.cat([w[1] for w in window]), torch.cat([w[2] for w in window])
+    quarter = (t_all * 4).long().clamp(max=3)
+    return {"step": step, "loss": sum(w[0] for w in window) / len(window), "lr": lr_at(step - 1, args),
+            "grad_norm": grad_norm, "images_per_s": images_per_s,
+            "mfu": images_per_s * mfu_per_image if mfu_per_image else None,
+            "loss_by_t": [loss_all[quarter == q].mean().item() if (quarter == q).any() else None for q in range(4)]}
 
 
 def save_snapshot(run_dir, ema, step):
