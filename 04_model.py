@@ -488,64 +488,6 @@ def rebuild(model_args, weights, path, stage):
     return model
 
 
-def dummy_inputs(model_args, batch, device="cpu"):
-    """Random inputs of the right shapes: x_t, t, levels, text ids."""
-    size, R = model_args["image_size"], model_args["num_rewards"]
-    ids = tokenize(["a red circle at the top left and a blue square at the bottom right."] * batch,
-                   model_args["text_len"], model_args.get("text_encoder", "own")).to(device)
-    return (torch.randn(batch, 3, size, size, device=device), torch.rand(batch, device=device),
-            torch.rand(batch, R, device=device), ids)
-
-
-def count_flops(fn):
-    """FLOPs of fn() as counted by torch.utils.flop_counter (matmuls, attention; forward and backward)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def self_check(model, model_args):
-    """A forward/backward pass reaches every parameter; each reward level changes the output."""
-    x_t, t, levels, ids = dummy_inputs(model_args, 2)
-    v, latents = model(x_t, t, levels, ids)
-    v2, _ = model(x_t, t, levels, ids, prev_latents=latents.detach())
-    (v.square().mean() + v2.square().mean()).backward()
-    no_grad = [name for name, p in model.named_parameters() if p.grad is None]
-    assert v.shape == x_t.shape and not no_grad, f"no gradient reaches {no_grad}"
-    with torch.no_grad():
-        for r in range(model_args["num_rewards"]):
-            low, high = levels.clone(), levels.clone()
-            low[:, r], high[:, r] = 0.0, 1.0
-            assert not torch.allclose(model(x_t, t, low, ids)[0], model(x_t, t, high, ids)[0]), f"reward {r} is ignored"
-    return f"fwd/bwd ok, {model_args['num_rewards']} reward levels each change v"
-
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=list(PRESETS), action="append", help="preset(s) to report (default all)")
-    parser.add_argument("--rewards", type=int, default=4, help="number of reward tokens R")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    print(f"{'preset':>6} {'params':>9} {'text enc':>9} {'res':>4} {'tokens P+n+c':>13} "
-          f"{'fwd GFLOP/img':>14} {'sample 50x2 GFLOP':>18}  checks")
-    for preset in args.preset or list(PRESETS):
-        model, model_args = build(preset, args.rewards)
-        params = sum(p.numel() for p in model.parameters())
-        text_params = sum(p.numel() for p in model.text.parameters())
-        x_t, t, levels, ids = dummy_inputs(model_args, 1)
-        text_flops = count_flops(lambda: model.encode_text(ids))
-        text_tokens, text_mask = model.encode_text(ids)
-        denoise_flops = count_flops(lambda: model.denoise(x_t, t, levels, text_tokens, text_mask))
-        # sampling: the caption is encoded once; 50 steps x 2 branches (s+ and s-) of the denoiser
-        sample_flops = text_flops + 50 * 2 * denoise_flops
-        checks = self_check(model, model_args)
-        num_tokens = (model_args["image_size"] // model_args["patch_size"]) ** 2
-        tokens = f"{num_tokens}+{model_args['num_latents']}+{1 + args.rewards + model_args['text_len']}"
-        print(f"{preset:>6} {params / 1e6:8.1f}M {text_params / 1e6:8.1f}M {model_args['image_size']:>4} {tokens:>13} "
-              f"{(text_flops + denoise_flops) / 1e9:14.2f} {sample_flops / 1e9:18.1f}  {checks}")
-
-
 # ============================================================================= frozen pretrained text encoders
 # The real-model path (--text-encoder openclip:... or t5:...): the default own encoder never needs it.
 class FrozenOpenCLIP:
@@ -641,6 +583,66 @@ def frozen_states(spec, ids):
     encoder = frozen_text_encoder(spec)
     encoder.model.to(ids.device, torch.bfloat16 if ids.device.type == "cuda" else torch.float32)
     return encoder(ids)
+
+
+# ============================================================================= the stage as a script
+# python 04_model.py: each preset's size and FLOPs, and self-checks of a random network.
+def dummy_inputs(model_args, batch, device="cpu"):
+    """Random inputs of the right shapes: x_t, t, levels, text ids."""
+    size, R = model_args["image_size"], model_args["num_rewards"]
+    ids = tokenize(["a red circle at the top left and a blue square at the bottom right."] * batch,
+                   model_args["text_len"], model_args.get("text_encoder", "own")).to(device)
+    return (torch.randn(batch, 3, size, size, device=device), torch.rand(batch, device=device),
+            torch.rand(batch, R, device=device), ids)
+
+
+def count_flops(fn):
+    """FLOPs of fn() as counted by torch.utils.flop_counter (matmuls, attention; forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def self_check(model, model_args):
+    """A forward/backward pass reaches every parameter; each reward level changes the output."""
+    x_t, t, levels, ids = dummy_inputs(model_args, 2)
+    v, latents = model(x_t, t, levels, ids)
+    v2, _ = model(x_t, t, levels, ids, prev_latents=latents.detach())
+    (v.square().mean() + v2.square().mean()).backward()
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None]
+    assert v.shape == x_t.shape and not no_grad, f"no gradient reaches {no_grad}"
+    with torch.no_grad():
+        for r in range(model_args["num_rewards"]):
+            low, high = levels.clone(), levels.clone()
+            low[:, r], high[:, r] = 0.0, 1.0
+            assert not torch.allclose(model(x_t, t, low, ids)[0], model(x_t, t, high, ids)[0]), f"reward {r} is ignored"
+    return f"fwd/bwd ok, {model_args['num_rewards']} reward levels each change v"
+
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), action="append", help="preset(s) to report (default all)")
+    parser.add_argument("--rewards", type=int, default=4, help="number of reward tokens R")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"{'preset':>6} {'params':>9} {'text enc':>9} {'res':>4} {'tokens P+n+c':>13} "
+          f"{'fwd GFLOP/img':>14} {'sample 50x2 GFLOP':>18}  checks")
+    for preset in args.preset or list(PRESETS):
+        model, model_args = build(preset, args.rewards)
+        params = sum(p.numel() for p in model.parameters())
+        text_params = sum(p.numel() for p in model.text.parameters())
+        x_t, t, levels, ids = dummy_inputs(model_args, 1)
+        text_flops = count_flops(lambda: model.encode_text(ids))
+        text_tokens, text_mask = model.encode_text(ids)
+        denoise_flops = count_flops(lambda: model.denoise(x_t, t, levels, text_tokens, text_mask))
+        # sampling: the caption is encoded once; 50 steps x 2 branches (s+ and s-) of the denoiser
+        sample_flops = text_flops + 50 * 2 * denoise_flops
+        checks = self_check(model, model_args)
+        num_tokens = (model_args["image_size"] // model_args["patch_size"]) ** 2
+        tokens = f"{num_tokens}+{model_args['num_latents']}+{1 + args.rewards + model_args['text_len']}"
+        print(f"{preset:>6} {params / 1e6:8.1f}M {text_params / 1e6:8.1f}M {model_args['image_size']:>4} {tokens:>13} "
+              f"{(text_flops + denoise_flops) / 1e9:14.2f} {sample_flops / 1e9:18.1f}  {checks}")
 
 
 if __name__ == "__main__":

@@ -474,76 +474,6 @@ def save_snapshot(run_dir, ema, step):
                       os.path.join(run_dir, "snapshots", f"{step:07d}.pt"))
 
 
-def main():
-    parser = world.Parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt, bins.pt)")
-    parser.add_argument("--run", "--run-name", dest="run", default="miro",
-                        help="run name: writes OUT/runs/RUN/ckpt.pt and log.jsonl (--run-name under torchrun)")
-    parser.add_argument("--preset", help=f"network size: {', '.join(net.PRESETS)} (default tiny, or the run's on --resume)")
-    parser.add_argument("--rewards", default="all", help="all, none (the baseline) or comma-separated names")
-    parser.add_argument("--captions", default="mix", help="caption shown with each image: mix (" + ",".join(MIX) +
-                        ") or a list of kinds, alt, long, short, brief (long,brief,brief: a third long, two thirds brief)")
-    parser.add_argument("--steps", type=world.count, default=600, help="total training steps (sets the lr schedule)")
-    parser.add_argument("--long-first", type=world.natural, default=0,
-                        help="steps at the start that show only the long captions (each object with its cell)")
-    parser.add_argument("--relation-steps", type=world.natural, default=0,
-                        help="steps after --long-first that show only scenes with a relation, their short captions, "
-                             "nearly all at t > 0.9")
-    parser.add_argument("--relation-every", type=world.count, default=1,
-                        help="after --long-first, every this-th step is a relation step (1: the --relation-steps in one block)")
-    parser.add_argument("--count-steps", type=world.natural, default=0,
-                        help="steps that show only scenes of several objects of one kind with their brief captions, "
-                             "each the step after a relation step")
-    parser.add_argument("--relation-objects", type=world.count, default=4,
-                        help="the --relation-steps show scenes of at most this many objects")
-    parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
-    parser.add_argument("--batch-size", type=world.count, default=16, help="global batch size (split across processes)")
-    parser.add_argument("--lr", type=world.positive, default=2e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--text-lr", type=world.positive, default=1.0,
-                        help="learning rate of the own text encoder, as a multiple of --lr")
-    parser.add_argument("--warmup", type=world.natural, default=50, help="linear warmup steps")
-    parser.add_argument("--weight-decay", type=world.non_negative, default=0.01, help="AdamW weight decay on matrices")
-    parser.add_argument("--grad-clip", type=world.positive, default=1.0, help="max gradient norm")
-    parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
-    parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of self-conditioning (on the latents, or with --net self_cond=image on the "
-                        "clean-image estimate)")
-    parser.add_argument("--net", default="", help="network settings that replace the preset's, e.g. "
-                        "patch_cond=true,cell_codes=random (04_model.TextRIN's arguments)")
-    parser.add_argument("--text-encoder", default="own", help="own (a small transformer trained with the net) or "
-                        "frozen: openclip:ARCH[:PRETRAINED_OR_PATH] (e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or "
-                        "t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl); only a projection of it is trained")
-    parser.add_argument("--text-drop", type=world.fraction, default=0.1, help="probability of an empty caption (text CFG)")
-    parser.add_argument("--loss-weight", default="image", choices=["image", "velocity"],
-                        help="image: eq. 2 times t^2, the error of the implied clean image; velocity: eq. 2 as written")
-    parser.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
-    parser.add_argument("--t-shift", type=world.positive, default=1.0, help="shift t towards noise (> 1) or data (< 1)")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                        help="autocast: auto = bf16 on CUDA (fp16 + GradScaler without bf16), off on CPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--seed", type=world.natural, default=0, help="seed of the initialisation and of every step's draws")
-    parser.add_argument("--log-every", type=world.count, default=25, help="steps between log lines")
-    parser.add_argument("--ckpt-every", type=world.count, default=500, help="steps between checkpoints")
-    parser.add_argument("--eval-every", type=world.natural, default=0,
-                        help="steps between EMA snapshots for 07_eval.py's convergence curves (0: none)")
-    parser.add_argument("--resume", action="store_true", help="continue OUT/runs/RUN from its checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="start OUT/runs/RUN afresh even if it exists")
-    parser.add_argument("--peak-tflops", type=world.non_negative, default=0, help="peak TFLOP/s for MFU (default: known GPU or measured CPU)")
-    parser.add_argument("--benchmark", action="store_true", help="time train steps on random data, print img/s and MFU")
-    parser.add_argument("--bench-presets", default="tiny", help="presets to benchmark, comma-separated")
-    parser.add_argument("--bench-steps", type=world.count, default=10, help="timed steps per benchmark")
-    parser.add_argument("--official", action="store_true", help="also time the released MIRO network (miro-t2i)")
-    args = parser.parse_args()
-    if args.resume and args.overwrite:
-        parser.error("--resume continues a run and --overwrite starts it afresh: pass one of them")
-    bad_presets = [p for p in [args.preset or "tiny"] + args.bench_presets.split(",") if p not in net.PRESETS]
-    if bad_presets:
-        sys.exit(f"{STAGE}: error: unknown preset {', '.join(bad_presets)}; known: {', '.join(net.PRESETS)}")
-    if min(args.steps, args.batch_size, args.log_every, args.ckpt_every) < 1:
-        sys.exit(f"{STAGE}: error: --steps, --batch-size, --log-every and --ckpt-every must be >= 1")
-    benchmark(args) if args.benchmark else train(args)
-
-
 # ============================================================================= runs kept whole
 # What train() checks so that a run is never trained over, mixed with another dataset or owned by
 # two processes (not needed to follow the training itself).
@@ -724,6 +654,77 @@ def benchmark(args):
             del model
         if len(throughput) == 2:
             print(f"{preset:>6} TextRIN / official train-step throughput: {throughput[0] / throughput[1]:.2f}x")
+
+
+# ============================================================================= the command line
+def main():
+    parser = world.Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out", help="working folder (reads images.npy, captions.pt, bins.pt)")
+    parser.add_argument("--run", "--run-name", dest="run", default="miro",
+                        help="run name: writes OUT/runs/RUN/ckpt.pt and log.jsonl (--run-name under torchrun)")
+    parser.add_argument("--preset", help=f"network size: {', '.join(net.PRESETS)} (default tiny, or the run's on --resume)")
+    parser.add_argument("--rewards", default="all", help="all, none (the baseline) or comma-separated names")
+    parser.add_argument("--captions", default="mix", help="caption shown with each image: mix (" + ",".join(MIX) +
+                        ") or a list of kinds, alt, long, short, brief (long,brief,brief: a third long, two thirds brief)")
+    parser.add_argument("--steps", type=world.count, default=600, help="total training steps (sets the lr schedule)")
+    parser.add_argument("--long-first", type=world.natural, default=0,
+                        help="steps at the start that show only the long captions (each object with its cell)")
+    parser.add_argument("--relation-steps", type=world.natural, default=0,
+                        help="steps after --long-first that show only scenes with a relation, their short captions, "
+                             "nearly all at t > 0.9")
+    parser.add_argument("--relation-every", type=world.count, default=1,
+                        help="after --long-first, every this-th step is a relation step (1: the --relation-steps in one block)")
+    parser.add_argument("--count-steps", type=world.natural, default=0,
+                        help="steps that show only scenes of several objects of one kind with their brief captions, "
+                             "each the step after a relation step")
+    parser.add_argument("--relation-objects", type=world.count, default=4,
+                        help="the --relation-steps show scenes of at most this many objects")
+    parser.add_argument("--stop-at", type=world.natural, default=0, help="stop early at this step (resume later with --resume)")
+    parser.add_argument("--batch-size", type=world.count, default=16, help="global batch size (split across processes)")
+    parser.add_argument("--lr", type=world.positive, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--text-lr", type=world.positive, default=1.0,
+                        help="learning rate of the own text encoder, as a multiple of --lr")
+    parser.add_argument("--warmup", type=world.natural, default=50, help="linear warmup steps")
+    parser.add_argument("--weight-decay", type=world.non_negative, default=0.01, help="AdamW weight decay on matrices")
+    parser.add_argument("--grad-clip", type=world.positive, default=1.0, help="max gradient norm")
+    parser.add_argument("--ema", type=world.fraction, default=0.999, help="EMA decay of the weights kept for sampling")
+    parser.add_argument("--self-cond", type=world.fraction, default=0.9, help="probability of self-conditioning (on the latents, or with --net self_cond=image on the "
+                        "clean-image estimate)")
+    parser.add_argument("--net", default="", help="network settings that replace the preset's, e.g. "
+                        "patch_cond=true,cell_codes=random (04_model.TextRIN's arguments)")
+    parser.add_argument("--text-encoder", default="own", help="own (a small transformer trained with the net) or "
+                        "frozen: openclip:ARCH[:PRETRAINED_OR_PATH] (e.g. openclip:ViT-H-14:laion2b_s32b_b79k) or "
+                        "t5:ID_OR_PATH (e.g. t5:google/flan-t5-xl); only a projection of it is trained")
+    parser.add_argument("--text-drop", type=world.fraction, default=0.1, help="probability of an empty caption (text CFG)")
+    parser.add_argument("--loss-weight", default="image", choices=["image", "velocity"],
+                        help="image: eq. 2 times t^2, the error of the implied clean image; velocity: eq. 2 as written")
+    parser.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="distribution of t")
+    parser.add_argument("--t-shift", type=world.positive, default=1.0, help="shift t towards noise (> 1) or data (< 1)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                        help="autocast: auto = bf16 on CUDA (fp16 + GradScaler without bf16), off on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--seed", type=world.natural, default=0, help="seed of the initialisation and of every step's draws")
+    parser.add_argument("--log-every", type=world.count, default=25, help="steps between log lines")
+    parser.add_argument("--ckpt-every", type=world.count, default=500, help="steps between checkpoints")
+    parser.add_argument("--eval-every", type=world.natural, default=0,
+                        help="steps between EMA snapshots for 07_eval.py's convergence curves (0: none)")
+    parser.add_argument("--resume", action="store_true", help="continue OUT/runs/RUN from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start OUT/runs/RUN afresh even if it exists")
+    parser.add_argument("--peak-tflops", type=world.non_negative, default=0, help="peak TFLOP/s for MFU (default: known GPU or measured CPU)")
+    parser.add_argument("--benchmark", action="store_true", help="time train steps on random data, print img/s and MFU")
+    parser.add_argument("--bench-presets", default="tiny", help="presets to benchmark, comma-separated")
+    parser.add_argument("--bench-steps", type=world.count, default=10, help="timed steps per benchmark")
+    parser.add_argument("--official", action="store_true", help="also time the released MIRO network (miro-t2i)")
+    args = parser.parse_args()
+    if args.resume and args.overwrite:
+        parser.error("--resume continues a run and --overwrite starts it afresh: pass one of them")
+    bad_presets = [p for p in [args.preset or "tiny"] + args.bench_presets.split(",") if p not in net.PRESETS]
+    if bad_presets:
+        sys.exit(f"{STAGE}: error: unknown preset {', '.join(bad_presets)}; known: {', '.join(net.PRESETS)}")
+    if min(args.steps, args.batch_size, args.log_every, args.ckpt_every) < 1:
+        sys.exit(f"{STAGE}: error: --steps, --batch-size, --log-every and --ckpt-every must be >= 1")
+    benchmark(args) if args.benchmark else train(args)
 
 
 if __name__ == "__main__":

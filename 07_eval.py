@@ -519,47 +519,6 @@ def find_runs(out, spec):
     return runs
 
 
-# ----------------------------------------------------------------------------- main
-def main():
-    parser = world.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--runs", help="comma-separated run names (default: every run with a checkpoint)")
-    sampler.add_sampling_args(parser, steps=12, method="heun")  # --cfg, --cfg-max-t, --neg-text, --t-scale, ...
-    parser.add_argument("--seeds", type=world.count, default=3, help="sampling seeds (the spread of every number)")
-    parser.add_argument("--per-task", type=world.count, default=50, help="GenEval-style prompts per task")
-    parser.add_argument("--captions", type=world.count, default=64, help="fresh captions for the reward means")
-    parser.add_argument("--curve-per-task", type=world.count, default=10,
-                        help="GenEval-style prompts per task for each training snapshot (the convergence curves)")
-    parser.add_argument("--curve-captions", type=world.count, default=32, help="fresh captions for each snapshot")
-    parser.add_argument("--select", default="alignment", help="the reward that picks the best of N")
-    parser.add_argument("--best-k", type=world.natural, default=3, help="best of N for N = 1, 2, ..., 2^k")
-    parser.add_argument("--best-prompts", type=world.count, default=12)
-    parser.add_argument("--sweep", default="colourfulness", help="the reward whose target and w are swept")
-    parser.add_argument("--sweep-levels", type=world.number(int, 2), default=4)
-    parser.add_argument("--cfg-sweep", default="0,1,2,3", help="guidance weights of the w sweep")
-    parser.add_argument("--sweep-prompts", type=world.count, default=24)
-    parser.add_argument("--grid-prompts", type=world.count, default=6)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--geneval-prompts", action="store_true", help="print the GenEval prompt set and exit")
-    args = parser.parse_args()
-    if args.geneval_prompts:
-        metas = geneval_prompts(args.per_task)
-        for task in TASKS:
-            prompts = [m["prompt"] for m in metas if m["tag"] == task]
-            print(f"{task:>14} {len(prompts):4d} prompts ({len(set(prompts))} distinct), e.g. "
-                  + " | ".join(prompts[:2]))
-        return
-    for name in (args.select, args.sweep):
-        if name not in rewards.REWARDS:
-            sys.exit(f"{STAGE}: error: unknown reward {name!r}; known: {', '.join(rewards.REWARDS)}")
-    try:
-        args.cfg_sweep = [world.finite(w) for w in args.cfg_sweep.split(",")]
-    except argparse.ArgumentTypeError:
-        sys.exit(f"{STAGE}: error: --cfg-sweep {args.cfg_sweep!r}: write finite weights like 0,1,2,3")
-    world.resolve_device(args.device, STAGE)  # before any file is read
-    report(args)
-
-
 # ============================================================================= diagnostics
 # A probe the report prints beside the scores: why an object fades while it is sampled.
 @torch.no_grad()
@@ -645,6 +604,47 @@ def save_figure(fig, path):
     fig.savefig(path + ".tmp.png", dpi=110)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
+
+
+# ============================================================================= the command line
+def main():
+    parser = world.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--runs", help="comma-separated run names (default: every run with a checkpoint)")
+    sampler.add_sampling_args(parser, steps=12, method="heun")  # --cfg, --cfg-max-t, --neg-text, --t-scale, ...
+    parser.add_argument("--seeds", type=world.count, default=3, help="sampling seeds (the spread of every number)")
+    parser.add_argument("--per-task", type=world.count, default=50, help="GenEval-style prompts per task")
+    parser.add_argument("--captions", type=world.count, default=64, help="fresh captions for the reward means")
+    parser.add_argument("--curve-per-task", type=world.count, default=10,
+                        help="GenEval-style prompts per task for each training snapshot (the convergence curves)")
+    parser.add_argument("--curve-captions", type=world.count, default=32, help="fresh captions for each snapshot")
+    parser.add_argument("--select", default="alignment", help="the reward that picks the best of N")
+    parser.add_argument("--best-k", type=world.natural, default=3, help="best of N for N = 1, 2, ..., 2^k")
+    parser.add_argument("--best-prompts", type=world.count, default=12)
+    parser.add_argument("--sweep", default="colourfulness", help="the reward whose target and w are swept")
+    parser.add_argument("--sweep-levels", type=world.number(int, 2), default=4)
+    parser.add_argument("--cfg-sweep", default="0,1,2,3", help="guidance weights of the w sweep")
+    parser.add_argument("--sweep-prompts", type=world.count, default=24)
+    parser.add_argument("--grid-prompts", type=world.count, default=6)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--geneval-prompts", action="store_true", help="print the GenEval prompt set and exit")
+    args = parser.parse_args()
+    if args.geneval_prompts:
+        metas = geneval_prompts(args.per_task)
+        for task in TASKS:
+            prompts = [m["prompt"] for m in metas if m["tag"] == task]
+            print(f"{task:>14} {len(prompts):4d} prompts ({len(set(prompts))} distinct), e.g. "
+                  + " | ".join(prompts[:2]))
+        return
+    for name in (args.select, args.sweep):
+        if name not in rewards.REWARDS:
+            sys.exit(f"{STAGE}: error: unknown reward {name!r}; known: {', '.join(rewards.REWARDS)}")
+    try:
+        args.cfg_sweep = [world.finite(w) for w in args.cfg_sweep.split(",")]
+    except argparse.ArgumentTypeError:
+        sys.exit(f"{STAGE}: error: --cfg-sweep {args.cfg_sweep!r}: write finite weights like 0,1,2,3")
+    world.resolve_device(args.device, STAGE)  # before any file is read
+    report(args)
 
 
 if __name__ == "__main__":
