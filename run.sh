@@ -28,11 +28,12 @@ python 04_model.py   --preset tiny                                              
 # than half the images per second of one run on two. So each run gets half the cores.
 # On clean half the steps self-condition on the clean-image estimate of a first pass (--self-cond 0.5, --net
 # self_cond=image): a cell sees what the last sampling step drew there. On full it costs MIRO its colour-free
-# objects ("a circle." fades) and a tenth of the steps' speed, so it is off there. On full the clean-image estimate
-# may keep the grain of x_t (pixel_skip=true): without it no sample guided to low_noise 0 is grainy. t is shifted towards noise (--t-shift 3),
-# where the layout is decided. On clean the first quarter of the steps shows only the long captions (--long-first;
-# on full the first eighth), each object named with its cell: on the caption mix alone the network never learns
-# which words name which cell. After it every third step (--relation-every 3, a quarter of all steps) shows a scene of two
+# objects ("a circle." fades) and a tenth of the steps' speed, so it is off there. On full the clean-image
+# estimate may keep the grain of x_t (pixel_skip=true): without it no sample guided to low_noise 0 is grainy.
+# t is shifted towards noise (--t-shift 3), where the layout is decided. On clean the first quarter of the steps
+# shows only the long captions (--long-first; on full the first eighth), each object named with its cell: on the
+# caption mix alone the network never learns which words name which cell. After it every third step
+# (--relation-every 3, a quarter of all steps) shows a scene of two
 # objects and the relation its caption states, nearly all at t > 0.9 (--relation-steps, --relation-objects 2):
 # without them no run learned "left of", and as one block after the long captions the steps after it undid it.
 # On clean the step after each relation step shows a scene of several objects of one kind, with its brief caption
